@@ -1,0 +1,32 @@
+# Everything a fresh clone needs: `make test` and `make demo` set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo golden lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install -c constraints.txt -e '.[test,bench]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/libragrad-fx report vit_tiny_patch16_224
+	$(BIN)/libragrad-fx report open_clip:ViT-B-32
+	$(BIN)/libragrad-fx report mixer_s16_224
+
+golden: setup
+	$(BIN)/python -m tests.golden
+
+lint: setup
+	$(BIN)/ruff check libragrad_fx tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

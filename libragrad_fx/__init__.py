@@ -1,0 +1,32 @@
+"""libragrad-fx: faithful gradient explanations for vision Transformers, as an FX pass."""
+
+from __future__ import annotations
+
+from .errors import (
+    InputError,
+    LibraError,
+    LibraWarning,
+    TraceError,
+    TrainingModeError,
+    UncertifiedError,
+)
+from .graph_module import LibraGraphModule
+from .report import Rewrite, RewriteReport
+from .rules import ALL_RULES, Rule, libra
+from .transform import libra_transform
+
+__all__ = [
+    "ALL_RULES",
+    "InputError",
+    "LibraError",
+    "LibraGraphModule",
+    "LibraWarning",
+    "Rewrite",
+    "RewriteReport",
+    "Rule",
+    "TraceError",
+    "TrainingModeError",
+    "UncertifiedError",
+    "libra",
+    "libra_transform",
+]

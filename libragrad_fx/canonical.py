@@ -1,0 +1,151 @@
+"""Canonicalisation: one functional vocabulary for module calls, method calls and aliases.
+
+After this pass a GELU is ``F.gelu`` whether the model wrote ``nn.GELU()``, ``F.gelu`` or
+``x.gelu()``-style code, so each rule matches one form. Every replacement calls the same kernel
+the original called, so the forward stays bit-identical. Eval-mode no-ops (Dropout, Identity)
+are removed.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .graph_utils import arg, replace_with_call
+
+# Tensor methods that become the torch function of the same meaning (self first).
+_METHODS: dict[str, Callable] = {
+    "softmax": torch.softmax,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "exp": torch.exp,
+    "log": torch.log,
+    "erf": torch.erf,
+    "sqrt": torch.sqrt,
+    "rsqrt": torch.rsqrt,
+    "relu": torch.relu,
+    "mul": operator.mul,
+    "matmul": operator.matmul,
+    "add": operator.add,
+    "sub": operator.sub,
+}
+# Functions that are aliases of one canonical function (same kernel, same arguments).
+_ALIASES: dict[Callable, Callable] = {
+    torch.mul: operator.mul,
+    torch.multiply: operator.mul,
+    torch.matmul: operator.matmul,
+    torch.add: operator.add,
+    torch.sub: operator.sub,
+    torch.div: operator.truediv,
+    torch.true_divide: operator.truediv,
+    F.sigmoid: torch.sigmoid,
+    F.tanh: torch.tanh,
+    torch.special.expit: torch.sigmoid,
+    torch.special.erf: torch.erf,
+}
+# Arithmetic is canonicalised only in its plain two-operand form (no alpha=, rounding_mode=).
+_BINARY = (operator.mul, operator.matmul, operator.add, operator.sub, operator.truediv)
+_EVAL_NOOPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def _params(graph: fx.Graph, node: fx.Node, module: nn.Module, *names: str, sub: str = "") -> list:
+    """get_attr nodes for the parameters of ``module`` (None where it has none).
+
+    ``module`` is the called module or its child ``sub``.
+    """
+    prefix = f"{node.target}.{sub}" if sub else node.target
+    out = []
+    with graph.inserting_before(node):
+        for name in names:
+            if getattr(module, name, None) is None:
+                out.append(None)
+            else:
+                get = graph.get_attr(f"{prefix}.{name}")
+                get.meta = dict(node.meta)
+                out.append(get)
+    return out
+
+
+def _own_forward(module: nn.Module, base: type) -> bool:
+    """True when ``module`` runs ``base``'s forward (a subclass may override it)."""
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
+def _module_call(graph: fx.Graph, node: fx.Node, m: nn.Module) -> tuple | None:
+    """(target, args, kwargs) of the functional form of a leaf module call, or None."""
+    if node.kwargs or len(node.args) != 1:
+        return _mha_call(graph, node, m) if _own_forward(m, nn.MultiheadAttention) else None
+    x = node.args[0]
+    if _own_forward(m, nn.Linear):
+        return F.linear, (x, *_params(graph, node, m, "weight", "bias")), {}
+    for conv, fn in ((nn.Conv1d, F.conv1d), (nn.Conv2d, F.conv2d), (nn.Conv3d, F.conv3d)):
+        if _own_forward(m, conv) and m.padding_mode == "zeros":
+            w, b = _params(graph, node, m, "weight", "bias")
+            return fn, (x, w, b, m.stride, m.padding, m.dilation, m.groups), {}
+    if _own_forward(m, nn.LayerNorm):
+        w, b = _params(graph, node, m, "weight", "bias")
+        return F.layer_norm, (x, tuple(m.normalized_shape), w, b, m.eps), {}
+    if _own_forward(m, nn.RMSNorm):
+        (w,) = _params(graph, node, m, "weight")
+        return F.rms_norm, (x, tuple(m.normalized_shape), w, m.eps), {}
+    if _own_forward(m, nn.GELU):
+        return F.gelu, (x,), {"approximate": m.approximate}
+    simple = {nn.SiLU: F.silu, nn.Sigmoid: torch.sigmoid, nn.Tanh: torch.tanh, nn.ReLU: F.relu}
+    for cls, fn in simple.items():
+        if _own_forward(m, cls):
+            return fn, (x,), {}
+    if _own_forward(m, nn.Softmax) and m.dim is not None:
+        return torch.softmax, (x, m.dim), {}
+    return None
+
+
+def _mha_call(graph: fx.Graph, node: fx.Node, m: nn.MultiheadAttention) -> tuple | None:
+    """ops.multihead_attention for the configurations it reproduces bit for bit."""
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        return None
+    if arg(node, 3, "key_padding_mask", None) is not None or len(node.args) > 4:
+        return None
+    q, k, v = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    w_in, b_in = _params(graph, node, m, "in_proj_weight", "in_proj_bias")
+    w_out, b_out = _params(graph, node, m.out_proj, "weight", "bias", sub="out_proj")
+    kwargs = {k_: v_ for k_, v_ in node.kwargs.items() if k_ not in ("query", "key", "value")}
+    kwargs.update(num_heads=m.num_heads, batch_first=m.batch_first)
+    return ops.multihead_attention, (q, k, v, w_in, b_in, w_out, b_out), kwargs
+
+
+def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite ``gm`` in place into the canonical vocabulary and return it."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if isinstance(m, _EVAL_NOOPS) and len(node.args) == 1 and not node.kwargs:
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+                continue
+            call = _module_call(graph, node, m)
+            if call is not None:
+                replace_with_call(graph, node, *call)
+        elif node.op == "call_method" and node.target in _METHODS:
+            target = _METHODS[node.target]
+            if target not in _BINARY or (len(node.args) == 2 and not node.kwargs):
+                replace_with_call(graph, node, target, node.args, node.kwargs)
+        elif node.op == "call_function" and node.target is F.softmax:
+            dim, dtype = arg(node, 1, "dim", None), arg(node, 3, "dtype", None)
+            if dim is not None and dtype is None:
+                replace_with_call(graph, node, torch.softmax, (arg(node, 0, "input"), dim))
+        elif node.op == "call_function" and node.target in _ALIASES:
+            target = _ALIASES[node.target]
+            if target not in _BINARY or (len(node.args) == 2 and not node.kwargs):
+                replace_with_call(graph, node, target, node.args, node.kwargs)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm

@@ -1,0 +1,96 @@
+"""A networkx view of a graph's dataflow: what carries gradient from the input, what is live.
+
+Rules match on this view rather than on module names: a softmax matters only if its input
+depends on the model input and its output reaches the model output through the gradient.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+# Calls whose result carries no gradient (shapes, dtypes, comparisons, fresh constants).
+_NO_GRAD_FUNCTIONS = {
+    getattr, len, torch._assert, torch.detach,
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
+    torch.argmax, torch.argmin, torch.zeros_like, torch.ones_like, torch.empty_like,
+    torch.full_like, torch.arange, torch.zeros, torch.ones, torch.full, torch.empty,
+}
+_NO_GRAD_METHODS = {
+    "size", "dim", "numel", "detach", "argmax", "argmin", "eq", "ne", "lt", "le", "gt", "ge",
+    "new_zeros", "new_ones", "new_empty", "new_full", "long", "int", "bool",
+    "is_floating_point", "get_device",
+}
+# Methods that read only the dtype, device or shape of their second argument.
+_SELF_ONLY_METHODS = {"to", "type_as", "expand_as", "view_as", "reshape_as"}
+
+
+def gradient_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs of ``node`` through which gradient can reach its value."""
+    if node.op == "call_function" and node.target in _NO_GRAD_FUNCTIONS:
+        return []
+    if node.op == "call_method":
+        if node.target in _NO_GRAD_METHODS:
+            return []
+        if node.target in _SELF_ONLY_METHODS:
+            return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
+    return list(node.all_input_nodes)
+
+
+def _is_input(node: fx.Node) -> bool:
+    """A placeholder that the caller fills (not an optional argument defaulting to None)."""
+    return node.op == "placeholder" and not (node.args and node.args[0] is None)
+
+
+@dataclass(frozen=True)
+class Dataflow:
+    """Which nodes carry gradient from the inputs, and which reach the output."""
+
+    graph: nx.DiGraph
+    from_input: frozenset[fx.Node]
+    live: frozenset[fx.Node]
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> Dataflow:
+        g = nx.DiGraph()
+        output = None
+        for node in gm.graph.nodes:
+            g.add_node(node, op=node.op, kind=_kind(gm, node))
+            g.add_edges_from((src, node) for src in gradient_inputs(node))
+            if node.op == "output":
+                output = node
+        inputs = {n for n in g if _is_input(n)}
+        from_input = set(inputs).union(*(nx.descendants(g, n) for n in inputs))
+        live = nx.ancestors(g, output) | {output} if output is not None else set()
+        return cls(g, frozenset(from_input), frozenset(live))
+
+    def depends_on_input(self, value: object) -> bool:
+        """True for a node whose value carries gradient from a model input."""
+        return isinstance(value, fx.Node) and value in self.from_input
+
+    def needs_rule(self, node: fx.Node) -> bool:
+        """True when the node carries input gradient that reaches the output."""
+        return node in self.from_input and node in self.live
+
+
+def _kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "placeholder":
+        return "input"
+    if node.op != "get_attr":
+        return "op"
+    value = _fetch(gm, node.target)
+    if isinstance(value, torch.nn.Parameter):
+        return "parameter"
+    return "buffer" if isinstance(value, torch.Tensor) else "constant"
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> object:
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,54 @@
+"""Self-gating rule: a product of n input-dependent factors gives each factor 1/n.
+
+Matches the products left after the other rules (SwiGLU, GeGLU, GluMlp: act(xW1) * (xW2)). A
+left-nested chain ((a*b)*c) is one product of three factors; its forward is computed in the
+same order, so it stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+from .. import ops
+from ..dataflow import Dataflow
+from ..graph_utils import is_call
+from .base import Rule
+
+
+def _is_gating_product(node, flow: Dataflow) -> bool:
+    return (
+        is_call(node, operator.mul)
+        and len(node.args) == 2
+        and all(flow.depends_on_input(a) for a in node.args)
+    )
+
+
+def _factors(node: fx.Node, flow: Dataflow) -> list[fx.Node]:
+    left, right = node.args
+    if _is_gating_product(left, flow) and len(left.users) == 1:
+        return [*_factors(left, flow), right]
+    return [left, right]
+
+
+def _match(node: fx.Node, flow: Dataflow):
+    if not flow.needs_rule(node) or not _is_gating_product(node, flow):
+        return None
+    (user,) = node.users if len(node.users) == 1 else (None,)
+    if user is not None and _is_gating_product(user, flow) and user.args[0] is node:
+        return None  # the outer product of the chain takes this one in
+    return _factors(node, flow)
+
+
+def _replace(graph: fx.Graph, node: fx.Node, factors: list[fx.Node]) -> str:
+    node.target, node.args, node.kwargs = ops.shared_product, tuple(factors), {}
+    return f"product of {len(factors)} input-dependent factors, 1/{len(factors)} each"
+
+
+RULE = Rule(
+    name="self_gating",
+    summary="swap_backward(a*b, a*b/n): each of n factors gets 1/n",
+    match=_match,
+    replace=_replace,
+)
