@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.fx as fx
 
@@ -13,6 +15,13 @@ def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor of shape {tuple(value.shape)} ({value.dtype})"
     return type(value).__name__
+
+
+def _reason(exc: Exception) -> str:
+    """The last line of the message, without the tracer's placeholders baked into it."""
+    text = str(exc).strip()
+    text = text.splitlines()[-1] if text else type(exc).__name__
+    return re.sub(r"Proxy\(\w+\)", "...", text).rstrip(".")
 
 
 class LibraGraphModule(fx.GraphModule):
@@ -34,7 +43,7 @@ class LibraGraphModule(fx.GraphModule):
             raise
         except Exception as exc:
             given = ", ".join(_describe(a) for a in (*args, *kwargs.values()))
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            reason = _reason(exc)
             raise InputError(
                 f"the transformed {self.libra_report.model} could not run on {given}: "
                 f"{reason}. Pass the input the original model accepts (for an image model, "

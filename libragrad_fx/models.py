@@ -31,7 +31,8 @@ def load_model(spec: str) -> nn.Module:
         import open_clip
 
         if name not in open_clip.list_models():
-            raise LibraError(f"unknown open_clip model {name!r}; open_clip.list_models() lists them")
+            raise LibraError(
+                f"unknown open_clip model {name!r}; open_clip.list_models() lists them")
         return open_clip.create_model(name, pretrained=None).visual.eval()
     try:
         obj = getattr(importlib.import_module(prefix), name)

@@ -6,7 +6,6 @@ built-in modules as leaves; canonicalisation turns those leaves into functional 
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 from torch import nn
 

@@ -44,7 +44,7 @@ def _match(node: fx.Node, flow: Dataflow):
 
 def _replace(graph: fx.Graph, node: fx.Node, payload) -> str:
     if payload == "sdpa":
-        for value in {arg(node, 0, "query"), arg(node, 1, "key")}:
+        for value in dict.fromkeys((arg(node, 0, "query"), arg(node, 1, "key"))):
             if isinstance(value, fx.Node):
                 detach_use(graph, node, value)
         return "q, k detached; fused kernel kept"
