@@ -105,18 +105,18 @@ def _module_call(graph: fx.Graph, node: fx.Node, m: nn.Module) -> tuple | None:
     return None
 
 
-def _mha_call(graph: fx.Graph, node: fx.Node, m: nn.MultiheadAttention) -> tuple | None:
-    """ops.multihead_attention for the configurations it reproduces bit for bit."""
-    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
-        return None
-    if arg(node, 3, "key_padding_mask", None) is not None or len(node.args) > 4:
-        return None
-    q, k, v = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+def _mha_call(graph: fx.Graph, node: fx.Node, m: nn.MultiheadAttention) -> tuple:
+    """ops.multihead_attention: the module's call with its parameters visible to the dataflow."""
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal")
+    call = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    with graph.inserting_before(node):
+        module = graph.get_attr(node.target)
+    module.meta = dict(node.meta)
     w_in, b_in = _params(graph, node, m, "in_proj_weight", "in_proj_bias")
     w_out, b_out = _params(graph, node, m.out_proj, "weight", "bias", sub="out_proj")
-    kwargs = {k_: v_ for k_, v_ in node.kwargs.items() if k_ not in ("query", "key", "value")}
-    kwargs.update(num_heads=m.num_heads, batch_first=m.batch_first)
-    return ops.multihead_attention, (q, k, v, w_in, b_in, w_out, b_out), kwargs
+    q, k, v = call.pop("query"), call.pop("key"), call.pop("value")
+    return ops.multihead_attention, (module, q, k, v, w_in, b_in, w_out, b_out), call
 
 
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:

@@ -176,6 +176,56 @@ def shared_product(*factors: Tensor) -> Tensor:
 
 
 def multihead_attention(
+    module: torch.nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    in_proj_weight: Tensor | None,
+    in_proj_bias: Tensor | None,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None,
+    **kwargs,
+) -> tuple[Tensor, Tensor | None]:
+    """nn.MultiheadAttention in functional form: the module's own call, with its parameters
+    as explicit arguments so that the dataflow sees them."""
+    return module(query, key, value, **kwargs)
+
+
+def libra_multihead_attention(
+    module: torch.nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor | None,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None,
+    **kwargs,
+) -> tuple[Tensor, Tensor | None]:
+    """multihead_attention with the attention probabilities constant for the backward.
+
+    When autograd records this call the module takes PyTorch's reference path, which
+    ``_attention_reference_path`` reproduces op for op, with q and k detached. Otherwise there
+    is no backward to change and the module runs as it is (its fast path included).
+    """
+    tensors = (query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        return module(query, key, value, **kwargs)
+    return _attention_reference_path(
+        *tensors, num_heads=module.num_heads, batch_first=module.batch_first, **kwargs)
+
+
+def supports_libra_attention(module: torch.nn.MultiheadAttention, kwargs: dict) -> bool:
+    """The configurations that ``libra_multihead_attention`` reproduces bit for bit."""
+    return (
+        module._qkv_same_embed_dim
+        and module.bias_k is None
+        and not module.add_zero_attn
+        and kwargs.get("key_padding_mask") is None
+    )
+
+
+def _attention_reference_path(
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -190,14 +240,10 @@ def multihead_attention(
     need_weights: bool = True,
     average_attn_weights: bool = True,
     is_causal: bool = False,
-    cut: bool = False,
+    key_padding_mask: None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """nn.MultiheadAttention's eval forward (packed weights, no bias_k/v, no padding mask).
-
-    The same ops in the same order as PyTorch's reference path, so the output is bit-identical.
-    With ``cut=True`` the attention probabilities are constants for the backward (the LibraGrad
-    attention rule): gradient flows through the values only.
-    """
+    """PyTorch's eval reference path of nn.MultiheadAttention (packed weights, no bias_k/v, no
+    padding mask), same ops in the same order, with q and k constant for the backward."""
     is_batched = query.dim() == 3
     if batch_first and is_batched:
         if key is value:
@@ -222,12 +268,10 @@ def multihead_attention(
     q, k, v = F._in_projection_packed(query, key, value, in_proj_weight, in_proj_bias)
     if attn_mask is not None and attn_mask.dim() == 2:
         attn_mask = attn_mask.unsqueeze(0)
-    q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
-    k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+    q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1).detach()
+    k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1).detach()
     v = v.view(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
     src_len = k.size(1)
-    if cut:
-        q, k = q.detach(), k.detach()
     weights = None
     if need_weights:
         q_scaled = q * math.sqrt(1.0 / float(q.shape[-1]))
@@ -261,8 +305,3 @@ def multihead_attention(
     if batch_first and is_batched:
         out = out.transpose(1, 0)
     return out, weights
-
-
-def libra_multihead_attention(*args, **kwargs) -> tuple[Tensor, Tensor | None]:
-    """multihead_attention with the attention probabilities constant for the backward."""
-    return multihead_attention(*args, **kwargs, cut=True)

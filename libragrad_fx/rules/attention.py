@@ -28,7 +28,9 @@ def _match(node: fx.Node, flow: Dataflow):
         q, k = arg(node, 0, "query"), arg(node, 1, "key")
         return "sdpa" if flow.depends_on_input(q) or flow.depends_on_input(k) else None
     if is_call(node, ops.multihead_attention):
-        return "mha"
+        module = node.args[0]
+        owner = module.graph.owning_module.get_submodule(module.target)
+        return "mha" if ops.supports_libra_attention(owner, node.kwargs) else None
     if is_call(node, *_MATMULS) and len(node.args) == 2:
         for i, operand in enumerate(node.args):
             other = node.args[1 - i]
