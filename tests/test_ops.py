@@ -1,0 +1,111 @@
+"""The runtime operators: forward equal to the op they replace, backward equal to a reference
+written out here with explicit detaches (parameters included, which model tests don't reach)."""
+
+import torch
+import torch.nn.functional as F
+
+from libragrad_fx import ops
+
+
+def _grads(fn, *tensors):
+    out = fn(*tensors)
+    cot = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return out, torch.autograd.grad((out * cot).sum(), tensors)
+
+
+def _leaves(*shapes):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+
+
+def test_swap_backward_has_the_value_of_one_and_the_gradient_of_the_other():
+    (x,) = _leaves((5,))
+    out = ops.swap_backward(torch.tanh(x), 3 * x)
+    assert torch.equal(out, torch.tanh(x))
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert torch.allclose(g, torch.full_like(g, 3.0))
+    assert not ops.cst(x).requires_grad
+
+
+def test_layer_norm_backward_treats_the_variance_as_constant_for_all_arguments():
+    x, w, b = _leaves((3, 4, 8), (8,), (8,))
+
+    def reference(x, w, b):
+        mu = x.mean(-1, keepdim=True)
+        var = (x - mu).pow(2).mean(-1, keepdim=True).detach()
+        return (x - mu) / torch.sqrt(var + 1e-5) * w + b
+
+    out, got = _grads(lambda *t: ops.libra_layer_norm(t[0], (8,), t[1], t[2], 1e-5), x, w, b)
+    _, want = _grads(reference, x, w, b)
+    assert torch.equal(out, F.layer_norm(x, (8,), w, b, 1e-5))
+    for g, r in zip(got, want, strict=True):
+        assert torch.allclose(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_layer_norm_over_two_trailing_dims_without_affine():
+    (x,) = _leaves((2, 3, 4, 5))
+
+    def reference(x):
+        mu = x.mean((-2, -1), keepdim=True)
+        var = (x - mu).pow(2).mean((-2, -1), keepdim=True).detach()
+        return (x - mu) / torch.sqrt(var + 1e-6)
+
+    _, (got,) = _grads(lambda t: ops.libra_layer_norm(t, (4, 5), None, None, 1e-6), x)
+    _, (want,) = _grads(reference, x)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_rms_norm_backward_treats_the_root_mean_square_as_constant():
+    x, w = _leaves((4, 6), (6,))
+
+    def reference(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6).detach() * w
+
+    out, got = _grads(lambda *t: ops.libra_rms_norm(t[0], (6,), t[1], 1e-6), x, w)
+    _, want = _grads(reference, x, w)
+    assert torch.equal(out, F.rms_norm(x, (6,), w, 1e-6))
+    for g, r in zip(got, want, strict=True):
+        assert torch.allclose(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_shared_product_splits_the_gradient_and_reduces_broadcast_factors():
+    a, b, c = _leaves((3, 4), (4,), (3, 1))
+    out, got = _grads(ops.shared_product, a, b, c)
+    prod = a * b * c
+
+    def reference(a, b, c):
+        p = a * b * c
+        return p.detach() + (p - p.detach()) / 3
+
+    _, want = _grads(reference, a, b, c)
+    assert torch.equal(out, prod)
+    for g, r, f in zip(got, want, (a, b, c), strict=True):
+        assert g.shape == f.shape
+        assert torch.allclose(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_gates_use_phi_and_sigmoid_directly():
+    (x,) = _leaves((50,))
+    with torch.no_grad():
+        x[0] = 0.0  # x = 0: the gate is Phi(0) = 1/2, not a 0/0
+    for approximate in ("none", "tanh"):
+        out, (g,) = _grads(lambda t, a=approximate: ops.libra_gelu(t, a), x)
+        gate = (0.5 * (1 + torch.erf(x / 2**0.5)) if approximate == "none" else
+                0.5 * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3))))
+        cot = torch.linspace(-1.0, 2.0, 50, dtype=x.dtype)
+        assert torch.equal(out, F.gelu(x, approximate=approximate))
+        assert torch.allclose(g, cot * gate.detach(), rtol=1e-12)
+    out, (g,) = _grads(ops.libra_silu, x)
+    assert torch.equal(out, F.silu(x))
+    assert torch.allclose(g, torch.linspace(-1.0, 2.0, 50, dtype=x.dtype) * torch.sigmoid(x))
+
+
+def test_multihead_attention_without_autograd_runs_the_module_itself():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    params = (mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias)
+    with torch.no_grad():  # the module may take its fused fast path here
+        want = mha(x, x, x, need_weights=False)[0]
+        got = ops.libra_multihead_attention(mha, x, x, x, *params, need_weights=False)[0]
+    assert torch.equal(got, want)
