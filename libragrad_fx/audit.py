@@ -1,7 +1,10 @@
-"""Find the nonlinear ops that no rule rewrote and that still sit on the gradient path.
+"""Find the ops on the gradient path that no rule made complete.
 
-These are what would make an explanation unfaithful without anyone noticing, so the report
-lists every one, and strict mode refuses the graph.
+An op passes when it is known to be linear or piecewise linear in its gradient-carrying inputs
+(an allow-list: reshapes, sums, linear layers, ReLU, pooling, products with at most one
+input-dependent factor, and the rules' own operators). Everything else that still carries input
+gradient to the output is listed, because it would make an explanation unfaithful without
+anyone noticing; strict mode refuses the graph.
 """
 
 from __future__ import annotations
@@ -18,32 +21,41 @@ from . import ops
 from .dataflow import Dataflow
 from .graph_utils import arg, module_path, target_name
 
-# Ops that are nonlinear in their input (complete only on constant inputs).
-_NONLINEAR_FUNCTIONS = {
-    F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.softplus, F.elu, F.selu, F.celu,
-    F.glu, F.logsigmoid, F.log_softmax, F.layer_norm, F.rms_norm, F.group_norm,
-    F.instance_norm, F.normalize, F.scaled_dot_product_attention, ops.multihead_attention,
-    torch.sigmoid, torch.tanh, torch.softmax, torch.exp, torch.log, torch.erf, torch.sqrt,
-    torch.rsqrt, torch.reciprocal, torch.pow, operator.pow, torch.sin, torch.cos,
-    torch.norm, torch.linalg.vector_norm, torch.std, torch.var,
+_LINEAR_FUNCTIONS = {
+    operator.add, operator.sub, operator.neg, operator.pos, operator.getitem,
+    torch.add, torch.sub, torch.neg, torch.cat, torch.concat, torch.stack, torch.flatten,
+    torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.roll,
+    torch.flip, torch.chunk, torch.split, torch.unbind, torch.narrow, torch.sum, torch.mean,
+    torch.cumsum, torch.where, torch.clone, torch.gather, torch.index_select, torch.tile,
+    torch.repeat_interleave, torch.relu, F.relu, F.leaky_relu, F.linear, F.conv1d, F.conv2d,
+    F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.pad, F.max_pool1d, F.max_pool2d,
+    F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.dropout, F.interpolate, F.pixel_shuffle,
+    F.unfold, F.fold, F.embedding, torch._assert,
+    ops.libra_gelu, ops.libra_silu, ops.libra_layer_norm, ops.libra_rms_norm,
+    ops.libra_normalize, ops.shared_product, ops.libra_multihead_attention,
 }
-_NONLINEAR_METHODS = {
-    "softmax", "log_softmax", "sigmoid", "tanh", "exp", "log", "erf", "sqrt", "rsqrt",
-    "reciprocal", "pow", "norm", "std", "var", "sin", "cos",
+_LINEAR_METHODS = {
+    "view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "expand",
+    "expand_as", "repeat", "squeeze", "unsqueeze", "to", "type_as", "float", "half",
+    "bfloat16", "double", "mean", "sum", "chunk", "split", "unbind", "narrow", "select",
+    "roll", "flip", "clone", "view_as", "reshape_as", "masked_fill", "index_select", "gather",
+    "cumsum", "relu", "t", "neg", "add", "sub", "tile", "repeat_interleave",
 }
-# Leaf modules that are affine or piecewise linear in eval mode, so need no rule.
-_SAFE_MODULES = (
+# Products: linear while at most one operand carries input gradient (and never the divisor).
+_PRODUCTS = {operator.mul, operator.matmul, torch.bmm, torch.baddbmm, torch.einsum}
+# Leaf modules that are affine or piecewise linear in eval mode.
+_LINEAR_MODULES = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.BatchNorm1d,
     nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d,
     nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten, nn.ZeroPad2d, nn.Embedding,
 )
-_PRODUCTS = (operator.mul, operator.matmul, torch.bmm, operator.truediv)
 
 
 @dataclass(frozen=True)
 class Untouched:
-    """A nonlinear op on the gradient path that no rule covered."""
+    """An op on the gradient path that no rule covered."""
 
     node: str
     module: str
@@ -52,28 +64,33 @@ class Untouched:
 
 
 def _why(gm: fx.GraphModule, node: fx.Node, flow: Dataflow) -> str | None:
-    if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
-        # Linear in v once q and k are constants (the attention rule's form).
+    """Why ``node`` (which carries input gradient to the output) breaks completeness, or None."""
+    if node.op in ("placeholder", "get_attr", "output"):
+        return None
+    if node.op == "call_module":
+        if isinstance(gm.get_submodule(node.target), _LINEAR_MODULES):
+            return None
+        return "module not analysed (no functional form and not known to be linear)"
+    target = node.target
+    if node.op == "call_method":
+        return None if target in _LINEAR_METHODS else "nonlinear or unknown method, no rule"
+    if target is F.scaled_dot_product_attention:
         q, k = arg(node, 0, "query"), arg(node, 1, "key")
         if flow.depends_on_input(q) or flow.depends_on_input(k):
             return "attention with input-dependent q or k"
         return None
-    if node.op == "call_function" and node.target in _NONLINEAR_FUNCTIONS:
-        return "nonlinear op with no rule for this use"
-    if node.op == "call_method" and node.target in _NONLINEAR_METHODS:
-        return "nonlinear method with no rule for this use"
-    if node.op == "call_function" and node.target in _PRODUCTS:
-        tensors = [a for a in node.args if flow.depends_on_input(a)]
-        if len(tensors) >= 2:
+    if target is operator.truediv:
+        return "division by an input-dependent tensor" if flow.depends_on_input(
+            node.args[1]) else None
+    if target in _PRODUCTS:
+        if sum(flow.depends_on_input(a) for a in node.all_input_nodes) >= 2:
             return "product of input-dependent tensors with no rule"
-    if node.op == "call_module":
-        if not isinstance(gm.get_submodule(node.target), _SAFE_MODULES):
-            return "module not analysed (no functional form and not known to be linear)"
-    return None
+        return None
+    return None if target in _LINEAR_FUNCTIONS else "nonlinear or unknown op, no rule"
 
 
 def untouched_ops(gm: fx.GraphModule, flow: Dataflow) -> list[Untouched]:
-    """Every node that still breaks completeness for all the rules know."""
+    """Every node that carries input gradient to the output through an uncovered op."""
     found = []
     for node in gm.graph.nodes:
         if not flow.needs_rule(node):

@@ -138,8 +138,9 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
                 replace_with_call(graph, node, target, node.args, node.kwargs)
         elif node.op == "call_function" and node.target is F.softmax:
             dim, dtype = arg(node, 1, "dim", None), arg(node, 3, "dtype", None)
-            if dim is not None and dtype is None:
-                replace_with_call(graph, node, torch.softmax, (arg(node, 0, "input"), dim))
+            if dim is not None:
+                extra = {} if dtype is None else {"dtype": dtype}
+                replace_with_call(graph, node, torch.softmax, (arg(node, 0, "input"), dim), extra)
         elif node.op == "call_function" and node.target in _ALIASES:
             target = _ALIASES[node.target]
             if target not in _BINARY or (len(node.args) == 2 and not node.kwargs):

@@ -48,7 +48,7 @@ def _replace(graph: fx.Graph, node: fx.Node, payload) -> str:
             approximate = arg(node, 1, "approximate", "none")
             node.target, node.args, node.kwargs = ops.libra_gelu, (node.args[0], approximate), {}
             return f"x*[Phi(x)]cst ({'tanh' if approximate == 'tanh' else 'erf'} GELU)"
-        node.target = ops.libra_silu
+        node.target, node.args, node.kwargs = ops.libra_silu, (arg(node, 0, "input"),), {}
         return "x*[sigmoid(x)]cst (SiLU)"
     detach_use(graph, node, payload)
     return "x*[sigmoid(a*x)]cst (written-out gate)"
