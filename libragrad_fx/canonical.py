@@ -125,7 +125,8 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
-            if isinstance(m, _EVAL_NOOPS) and len(node.args) == 1 and not node.kwargs:
+            noop = isinstance(m, nn.Identity) or (isinstance(m, _EVAL_NOOPS) and not m.training)
+            if noop and len(node.args) == 1 and not node.kwargs:
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
                 continue
