@@ -11,8 +11,11 @@ logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that weights are 
 
 
 class ClipTextFromEmbeddings(nn.Module):
-    """open_clip's text tower from token embeddings on: what ``CLIP.encode_text`` does after
-    ``token_embedding``, with the causal mask and the EOT positions of fixed token ids."""
+    """open_clip ``CLIP.encode_text`` from the token embeddings on (argmax pooling).
+
+    The EOT positions (argmax of a fixed token tensor) are held as a buffer, so the module is a
+    function of the embeddings only.
+    """
 
     def __init__(self, clip: nn.Module, tokens: torch.Tensor) -> None:
         super().__init__()
@@ -20,14 +23,15 @@ class ClipTextFromEmbeddings(nn.Module):
         self.ln_final = clip.ln_final
         self.positional_embedding = clip.positional_embedding
         self.text_projection = clip.text_projection
-        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        self.register_buffer("attn_mask", clip.attn_mask.clone(), persistent=False)
+        self.register_buffer("rows", torch.arange(tokens.shape[0]), persistent=False)
         self.register_buffer("eot", tokens.argmax(dim=-1), persistent=False)
 
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        x = embeddings + self.positional_embedding
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.positional_embedding
         x = self.transformer(x, attn_mask=self.attn_mask)
         x = self.ln_final(x)
-        x = x[torch.arange(x.shape[0]), self.eot]
+        x = x[self.rows, self.eot]
         return x @ self.text_projection
 
 
