@@ -192,14 +192,7 @@ def multihead_attention(
 
 
 def libra_multihead_attention(
-    module: torch.nn.MultiheadAttention,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    in_proj_weight: Tensor,
-    in_proj_bias: Tensor | None,
-    out_proj_weight: Tensor,
-    out_proj_bias: Tensor | None,
+    module: torch.nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *params,
     **kwargs,
 ) -> tuple[Tensor, Tensor | None]:
     """multihead_attention with the attention probabilities constant for the backward.
@@ -208,7 +201,7 @@ def libra_multihead_attention(
     ``_attention_reference_path`` reproduces op for op, with q and k detached. Otherwise there
     is no backward to change and the module runs as it is (its fast path included).
     """
-    tensors = (query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias)
+    tensors = (query, key, value, *params)  # params: as for multihead_attention
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         return module(query, key, value, **kwargs)
     return _attention_reference_path(
