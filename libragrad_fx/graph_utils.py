@@ -64,15 +64,9 @@ def is_call(node: Any, *targets: Callable) -> bool:
 
 
 def target_name(node: fx.Node) -> str:
-    """A short readable name of what a node does."""
-    if node.op in ("call_function",):
-        t = node.target
-        if getattr(t, "__module__", None) == operator.__name__ or t in vars(operator).values():
-            return f"operator.{t.__name__}"
-        return f"{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', str(t))}".lstrip(".")
-    return str(node.target)
-
-
-def tensor_args(node: fx.Node) -> list[fx.Node]:
-    """The node arguments of a call (positional and keyword, flattened)."""
-    return list(node.all_input_nodes)
+    """A short readable name of what a node does (``operator.mul``, ``torch.softmax``)."""
+    t = node.target
+    if node.op != "call_function":
+        return str(t)
+    module = "operator" if t in vars(operator).values() else getattr(t, "__module__", None)
+    return f"{module}.{t.__name__}" if module else t.__name__
