@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import mha, ops
 from .dataflow import Dataflow
 from .graph_utils import arg, module_path, target_name
 
@@ -33,7 +33,7 @@ _LINEAR_FUNCTIONS = {
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.dropout, F.interpolate, F.pixel_shuffle,
     F.unfold, F.fold, F.embedding, torch._assert,
     ops.libra_gelu, ops.libra_silu, ops.libra_layer_norm, ops.libra_rms_norm,
-    ops.libra_normalize, ops.shared_product, ops.libra_multihead_attention,
+    ops.libra_normalize, ops.shared_product, mha.libra_multihead_attention,
 }
 _LINEAR_METHODS = {
     "view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "expand",

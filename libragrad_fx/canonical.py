@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import mha
 from .graph_utils import arg, replace_with_call
 
 # Tensor methods that become the torch function of the same meaning (self first).
@@ -106,7 +106,7 @@ def _module_call(graph: fx.Graph, node: fx.Node, m: nn.Module) -> tuple | None:
 
 
 def _mha_call(graph: fx.Graph, node: fx.Node, m: nn.MultiheadAttention) -> tuple:
-    """ops.multihead_attention: the module's call with its parameters visible to the dataflow."""
+    """mha.multihead_attention: the module's call with its parameters visible to the dataflow."""
     names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
              "average_attn_weights", "is_causal")
     call = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
@@ -116,7 +116,7 @@ def _mha_call(graph: fx.Graph, node: fx.Node, m: nn.MultiheadAttention) -> tuple
     w_in, b_in = _params(graph, node, m, "in_proj_weight", "in_proj_bias")
     w_out, b_out = _params(graph, node, m.out_proj, "weight", "bias", sub="out_proj")
     q, k, v = call.pop("query"), call.pop("key"), call.pop("value")
-    return ops.multihead_attention, (module, q, k, v, w_in, b_in, w_out, b_out), call
+    return mha.multihead_attention, (module, q, k, v, w_in, b_in, w_out, b_out), call
 
 
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:

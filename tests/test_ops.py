@@ -4,7 +4,7 @@ written out here with explicit detaches (parameters included, which model tests 
 import torch
 import torch.nn.functional as F
 
-from libragrad_fx import ops
+from libragrad_fx import mha, ops
 
 
 def _grads(fn, *tensors):
@@ -102,10 +102,10 @@ def test_gates_use_phi_and_sigmoid_directly():
 
 def test_multihead_attention_without_autograd_runs_the_module_itself():
     torch.manual_seed(0)
-    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    attn = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
     x = torch.randn(2, 5, 16)
-    params = (mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias)
+    params = (attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias)
     with torch.no_grad():  # the module may take its fused fast path here
-        want = mha(x, x, x, need_weights=False)[0]
-        got = ops.libra_multihead_attention(mha, x, x, x, *params, need_weights=False)[0]
+        want = attn(x, x, x, need_weights=False)[0]
+        got = mha.libra_multihead_attention(attn, x, x, x, *params, need_weights=False)[0]
     assert torch.equal(got, want)
