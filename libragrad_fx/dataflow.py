@@ -83,14 +83,8 @@ def _kind(gm: fx.GraphModule, node: fx.Node) -> str:
         return "input"
     if node.op != "get_attr":
         return "op"
-    value = _fetch(gm, node.target)
+    value = operator.attrgetter(node.target)(gm)
     if isinstance(value, torch.nn.Parameter):
         return "parameter"
     return "buffer" if isinstance(value, torch.Tensor) else "constant"
 
-
-def _fetch(gm: fx.GraphModule, target: str) -> object:
-    obj: object = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
