@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from .bias import BiasSite
+from .certify import Violation, certify
+from .completeness import Completeness, completeness_error
 from .errors import (
     InputError,
     LibraError,
@@ -17,6 +20,8 @@ from .transform import libra_transform
 
 __all__ = [
     "ALL_RULES",
+    "BiasSite",
+    "Completeness",
     "InputError",
     "LibraError",
     "LibraGraphModule",
@@ -27,6 +32,9 @@ __all__ = [
     "TraceError",
     "TrainingModeError",
     "UncertifiedError",
+    "Violation",
+    "certify",
+    "completeness_error",
     "libra",
     "libra_transform",
 ]

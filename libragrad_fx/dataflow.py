@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import networkx as nx
 import torch
 import torch.fx as fx
 
+from . import ops
+
 # Calls whose result carries no gradient (shapes, dtypes, comparisons, fresh constants).
 _NO_GRAD_FUNCTIONS = {
-    getattr, len, torch._assert, torch.detach,
+    getattr, len, torch._assert, torch.detach, ops.cst,
     operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
     torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
     torch.argmax, torch.argmin, torch.zeros_like, torch.ones_like, torch.empty_like,
@@ -28,6 +31,11 @@ _NO_GRAD_METHODS = {
 }
 # Methods that read only the dtype, device or shape of their second argument.
 _SELF_ONLY_METHODS = {"to", "type_as", "expand_as", "view_as", "reshape_as"}
+# Calls that read only the shape, dtype or device of their inputs, never their values.
+_SHAPE_FUNCTIONS = {getattr, len, torch._assert, torch.zeros_like, torch.ones_like,
+                    torch.empty_like, torch.full_like}
+_SHAPE_METHODS = {"size", "dim", "numel", "new_zeros", "new_ones", "new_empty", "new_full",
+                  "is_floating_point", "get_device"}
 
 
 def gradient_inputs(node: fx.Node) -> list[fx.Node]:
@@ -42,6 +50,18 @@ def gradient_inputs(node: fx.Node) -> list[fx.Node]:
     return list(node.all_input_nodes)
 
 
+def value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values (not only shapes) ``node`` reads, gradient or not."""
+    if node.op == "call_function" and node.target in _SHAPE_FUNCTIONS:
+        return []
+    if node.op == "call_method":
+        if node.target in _SHAPE_METHODS:
+            return []
+        if node.target in _SELF_ONLY_METHODS:
+            return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
+    return list(node.all_input_nodes)
+
+
 def _is_input(node: fx.Node) -> bool:
     """A placeholder that the caller fills (not an optional argument defaulting to None)."""
     return node.op == "placeholder" and not (node.args and node.args[0] is None)
@@ -49,11 +69,13 @@ def _is_input(node: fx.Node) -> bool:
 
 @dataclass(frozen=True)
 class Dataflow:
-    """Which nodes carry gradient from the inputs, and which reach the output."""
+    """Which nodes carry gradient from the inputs, which read the inputs' values at all
+    (through detach or comparisons too), and which reach the output."""
 
     graph: nx.DiGraph
     from_input: frozenset[fx.Node]
     live: frozenset[fx.Node]
+    reads: frozenset[fx.Node]
 
     @classmethod
     def of(cls, gm: fx.GraphModule) -> Dataflow:
@@ -67,11 +89,19 @@ class Dataflow:
         inputs = {n for n in g if _is_input(n)}
         from_input = set(inputs).union(*(nx.descendants(g, n) for n in inputs))
         live = nx.ancestors(g, output) | {output} if output is not None else set()
-        return cls(g, frozenset(from_input), frozenset(live))
+        reads: set[fx.Node] = set()
+        for node in gm.graph.nodes:
+            if _is_input(node) or any(v in reads for v in value_inputs(node)):
+                reads.add(node)
+        return cls(g, frozenset(from_input), frozenset(live), frozenset(reads))
 
-    def depends_on_input(self, value: object) -> bool:
+    def depends_on_input(self, value: Any) -> bool:
         """True for a node whose value carries gradient from a model input."""
         return isinstance(value, fx.Node) and value in self.from_input
+
+    def reads_input(self, value: Any) -> bool:
+        """True for a node whose value is computed from a model input's values."""
+        return isinstance(value, fx.Node) and value in self.reads
 
     def needs_rule(self, node: fx.Node) -> bool:
         """True when the node carries input gradient that reaches the output."""

@@ -1,11 +1,12 @@
-"""RewriteReport: every rewrite the pass made and every nonlinear op it left, for auditing."""
+"""RewriteReport: every rewrite the pass made, the certificate, and the bias sites."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 
-from .audit import Untouched
+from .bias import BiasSite
+from .certify import Violation
 
 
 @dataclass(frozen=True)
@@ -21,12 +22,23 @@ class Rewrite:
 
 @dataclass
 class RewriteReport:
-    """The audit trail of one ``libra_transform`` call; ``print`` it or export it as JSON."""
+    """The audit trail of one ``libra_transform`` call; ``print`` it or export it as JSON.
+
+    ``complete`` is the static certificate: True when no op breaks FullGrad-completeness
+    (DESIGN.md §2); otherwise ``violations`` names each op that does.
+    """
 
     model: str
     rules: tuple[str, ...]
     rewrites: list[Rewrite] = field(default_factory=list)
-    untouched: list[Untouched] = field(default_factory=list)
+    violations: list[Violation] = field(default_factory=list)
+    bias_sites: list[BiasSite] = field(default_factory=list)
+    frontend: str = "fx"
+
+    @property
+    def complete(self) -> bool:
+        """The certificate: every gradient path is complete, so the output has degree 1."""
+        return not self.violations
 
     @property
     def counts(self) -> dict[str, int]:
@@ -37,37 +49,48 @@ class RewriteReport:
         return counts
 
     def to_dict(self) -> dict:
+        """Plain JSON types only (lists, not tuples), so ``json.loads(to_json()) == to_dict()``."""
+        return json.loads(json.dumps(self._fields()))
+
+    def _fields(self) -> dict:
         return {
             "model": self.model,
+            "frontend": self.frontend,
             "rules": list(self.rules),
             "counts": self.counts,
+            "complete": self.complete,
             "rewrites": [asdict(r) for r in self.rewrites],
-            "untouched": [asdict(u) for u in self.untouched],
+            "violations": [asdict(v) for v in self.violations],
+            "bias_sites": [asdict(b) for b in self.bias_sites],
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return json.dumps(self._fields(), indent=indent)
 
     def __str__(self) -> str:
-        lines = [f"LibraGrad rewrite report: {self.model}", f"rules: {', '.join(self.rules)}", ""]
+        lines = [f"LibraGrad rewrite report: {self.model} (traced with {self.frontend})",
+                 f"rules: {', '.join(self.rules)}", ""]
         rows = [("#", "node", "module", "rule", "action")] + [
             (str(i), r.node, r.module or "<root>", r.rule, r.action)
             for i, r in enumerate(self.rewrites, 1)
         ]
         lines += _table(rows) if self.rewrites else ["(no rewrites)"]
         totals = " | ".join(f"{rule} {n}" for rule, n in self.counts.items())
-        lines += ["", f"totals: {totals} | all {len(self.rewrites)}", ""]
-        if self.untouched:
-            lines.append(f"untouched nonlinear ops on the gradient path ({len(self.untouched)}):")
+        lines += ["", f"totals: {totals} | all {len(self.rewrites)}"]
+        implicit = sum(b.implicit for b in self.bias_sites)
+        lines.append(f"bias sites: {len(self.bias_sites)} ({implicit} implicit)")
+        lines.append("")
+        if self.violations:
+            lines.append(f"NOT certified complete: {len(self.violations)} violation(s)")
             lines += _table([("node", "module", "op", "why")] + [
-                (u.node, u.module or "<root>", u.op, u.why) for u in self.untouched])
+                (v.node, v.module or "<root>", v.op, v.why) for v in self.violations])
         else:
-            lines.append("untouched nonlinear ops on the gradient path: none")
+            lines.append("certified complete: every gradient path has degree 1")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"RewriteReport(model={self.model!r}, counts={self.counts}, " \
-               f"untouched={len(self.untouched)})"
+        return (f"RewriteReport(model={self.model!r}, counts={self.counts}, "
+                f"complete={self.complete}, violations={len(self.violations)})")
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

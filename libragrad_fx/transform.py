@@ -1,4 +1,4 @@
-"""libra_transform: trace -> canonicalise -> match and rewrite, rule by rule -> audit."""
+"""libra_transform: trace -> canonicalise -> match and rewrite, rule by rule -> certify."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from collections.abc import Sequence
 import torch.fx as fx
 from torch import nn
 
-from .audit import untouched_ops
+from .bias import bias_sites
 from .canonical import canonicalize
+from .certify import certify
 from .dataflow import Dataflow
-from .errors import LibraError, LibraWarning, TrainingModeError, UncertifiedError
+from .errors import LibraError, LibraWarning, TraceError, TrainingModeError, UncertifiedError
+from .export import export_trace
 from .graph_module import LibraGraphModule
 from .graph_utils import module_path, target_name
 from .report import Rewrite, RewriteReport
@@ -31,15 +33,51 @@ def apply_rule(gm: fx.GraphModule, rule: Rule) -> list[Rewrite]:
     return rewrites
 
 
+def trace_model(
+    model: nn.Module, example_inputs: tuple | None, frontend: str
+) -> tuple[fx.GraphModule, str]:
+    """The model as an FX graph, and which frontend produced it.
+
+    ``auto`` tries symbolic tracing first (it keeps the user's modules and needs no input) and
+    falls back to torch.export, which needs ``example_inputs``.
+    """
+    if frontend not in ("auto", "fx", "export"):
+        raise LibraError(f"frontend must be 'auto', 'fx' or 'export', got {frontend!r}")
+    if frontend == "export" and example_inputs is None:
+        raise LibraError("frontend='export' needs example_inputs=(tensor,) to run the model on")
+    if frontend != "export":
+        try:
+            return trace(model), "fx"
+        except TraceError as exc:
+            if frontend == "fx":
+                raise
+            if example_inputs is None:
+                raise TraceError(
+                    f"{exc} To fall back to the torch.export frontend, pass "
+                    "example_inputs=(tensor,) with an input the model accepts."
+                ) from exc.__cause__
+    return export_trace(model, tuple(example_inputs)), "export"
+
+
 def libra_transform(
-    model: nn.Module, *, rules: Sequence[Rule] | None = None, strict: bool = False
+    model: nn.Module,
+    *,
+    rules: Sequence[Rule] | None = None,
+    strict: bool = False,
+    example_inputs: tuple | None = None,
+    frontend: str = "auto",
 ) -> LibraGraphModule:
     """The model's forward with LibraGrad's backward, as a GraphModule with ``libra_report``.
 
     ``model`` is not modified: the result shares its parameters and modules. ``rules``
-    defaults to the full ``libra()`` preset. With ``strict=True`` a graph that still has a
-    nonlinear op on the gradient path that no rule covers is refused with an error; otherwise
-    it is returned, the op listed in the report and a ``LibraWarning`` issued.
+    defaults to the full ``libra()`` preset. The result is certified (``libra_report.complete``)
+    by propagating Euler degrees through the rewritten graph. With ``strict=True`` a graph that
+    cannot be certified is refused with an error listing the violations; otherwise it is
+    returned, the violations listed in the report and a ``LibraWarning`` issued.
+
+    ``frontend`` picks how the model becomes a graph: ``"fx"`` (symbolic tracing), ``"export"``
+    (torch.export at ``example_inputs``) or ``"auto"`` (fx, then export if it fails and
+    ``example_inputs`` is given).
     """
     if not isinstance(model, nn.Module):
         raise LibraError(f"libra_transform expects a torch.nn.Module, got {type(model).__name__}")
@@ -52,23 +90,27 @@ def libra_transform(
             "model.eval() before transforming it."
         )
     rules = tuple(libra() if rules is None else rules)
-    gm = canonicalize(trace(model))
+    graph, frontend = trace_model(model, example_inputs, frontend)
+    gm = canonicalize(graph)
     rewrites = [r for rule in rules for r in apply_rule(gm, rule)]
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
-    untouched = untouched_ops(gm, Dataflow.of(gm))
-    report = RewriteReport(type(model).__name__, tuple(r.name for r in rules), rewrites, untouched)
-    if untouched:
-        listing = "; ".join(f"{u.node} ({u.op}) in {u.module or '<root>'}" for u in untouched)
+    flow = Dataflow.of(gm)
+    report = RewriteReport(type(model).__name__, tuple(r.name for r in rules), rewrites,
+                           certify(gm, flow), bias_sites(gm, flow), frontend)
+    if not report.complete:
+        listing = "; ".join(f"{v.node} ({v.op}) in {v.module or '<root>'}: {v.why}"
+                            for v in report.violations)
+        count = len(report.violations)
         if strict:
             raise UncertifiedError(
-                f"{len(untouched)} nonlinear op(s) on the gradient path have no rule, so the "
-                f"explanation would not be complete: {listing}. Remove strict=True to get the "
-                "graph anyway, or add a rule for these ops."
+                f"cannot certify {report.model} complete: {count} op(s) break "
+                f"FullGrad-completeness: {listing}. Add a rule for these ops, switch the "
+                "missing rule on, or remove strict=True to get the uncertified graph."
             )
         warnings.warn(
-            f"libra_transform left {len(untouched)} nonlinear op(s) on the gradient path "
-            f"untouched: {listing}; see the report.", LibraWarning, stacklevel=2)
+            f"{report.model} is not certified complete ({count} violation(s)): {listing}; "
+            "see the report.", LibraWarning, stacklevel=2)
     result = LibraGraphModule(gm, gm.graph, class_name=f"Libra{type(model).__name__}")
     result.libra_report = report
     return result

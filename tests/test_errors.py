@@ -126,16 +126,17 @@ def test_uncovered_op_warns_lists_it_and_still_runs():
     with pytest.warns(LibraWarning) as record:
         gm = libra_transform(model)
     report = gm.libra_report
-    (untouched,) = report.untouched
-    assert "tanh" in untouched.op
-    assert untouched.module == "body"
+    (violation,) = report.violations
+    assert "tanh" in violation.op
+    assert violation.module == "body"
     warned = " ".join(str(w.message) for w in record if issubclass(w.category, LibraWarning))
-    assert untouched.node in warned and "body" in warned
+    assert violation.node in warned and "body" in warned
 
     text = str(report)
-    (row,) = [line for line in text.splitlines() if line.startswith(untouched.node + " ")]
-    assert "body" in row and untouched.op in row
-    assert "untouched nonlinear ops on the gradient path (1)" in text
+    (row,) = [line for line in text.splitlines() if line.startswith(violation.node + " ")]
+    assert "body" in row and violation.op in row
+    assert "NOT certified complete: 1 violation(s)" in text
+    assert report.complete is False
 
     x = torch.randn(3, D)
     assert torch.equal(model(x), gm(x))
@@ -146,7 +147,7 @@ def test_uncovered_op_in_strict_mode_raises_uncertified_error_naming_the_node():
     model = TanhNet().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LibraWarning)
-        node = libra_transform(model).libra_report.untouched[0].node
+        node = libra_transform(model).libra_report.violations[0].node
     with pytest.raises(UncertifiedError) as info:
         libra_transform(model, strict=True)
     message = str(info.value)
@@ -373,7 +374,8 @@ def test_report_json_round_trips():
     assert json.loads(report.to_json()) == data
     assert json.loads(report.to_json(indent=None)) == data
     assert "\n" not in report.to_json(indent=None)
-    assert set(data) == {"model", "rules", "counts", "rewrites", "untouched"}
+    assert set(data) == {
+        "model", "frontend", "rules", "counts", "complete", "rewrites", "violations", "bias_sites"}
     assert data["model"] == "ViTBlock"
     assert data["counts"] == {"attention": 1, "gate": 1, "norm": 2, "self_gating": 0}
     assert [r["rule"] for r in data["rewrites"]] == [r.rule for r in report.rewrites]
@@ -391,7 +393,7 @@ def test_report_counts_every_enabled_rule_with_zeros():
     linear = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, 2)).eval()
     report = libra_transform(linear, strict=True).libra_report
     assert report.counts == {"attention": 0, "gate": 0, "norm": 0, "self_gating": 0}
-    assert report.rewrites == [] and report.untouched == []
+    assert report.rewrites == [] and report.violations == []
     assert "(no rewrites)" in str(report)
 
 
@@ -406,7 +408,7 @@ def test_report_text_has_one_row_per_rewrite_and_totals():
     for rule, n in report.counts.items():
         assert f"{rule} {n}" in totals
     assert totals.rstrip().endswith("4")
-    assert "untouched nonlinear ops on the gradient path: none" in lines
+    assert "certified complete: every gradient path has degree 1" in lines
 
 
 # --- the command line --------------------------------------------------------------------------
@@ -418,14 +420,14 @@ def test_cli_report_json(capsys):
     data = json.loads(out)
     assert data["model"] == "VisionTransformer"
     assert data["counts"] == {"attention": 12, "gate": 12, "norm": 25, "self_gating": 0}
-    assert data["untouched"] == []
+    assert data["violations"] == [] and data["complete"] is True
 
 
-def test_cli_report_table_lists_untouched_ops(capsys):
+def test_cli_report_table_lists_violations(capsys):
     assert main(["report", "tests.test_errors:TanhNet"]) == 0
     out = capsys.readouterr().out
     assert "totals:" in out
-    assert "untouched nonlinear ops on the gradient path (1)" in out and "tanh" in out
+    assert "NOT certified complete: 1 violation(s)" in out and "tanh" in out
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@
     model (> 1e-3). Apart from the op under test each module is made of linear layers with
     biases, so only that op can break completeness.
 
-The report is checked for each form too: rewrite counts per rule and no untouched op.
+The report is checked for each form too: rewrite counts per rule and the certificate.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def assert_rule_form(model: Sandwich, expected: dict[str, int]):
     assert report.counts == expected
     assert sorted(r.rule for r in report.rewrites) == sorted(
         rule for rule, n in expected.items() for _ in range(n))
-    assert report.untouched == []
+    assert report.violations == []
 
     x = random_input()
     assert torch.equal(model(x), gm(x)), "the forward must be bit-identical"
@@ -426,7 +426,7 @@ def test_self_gating_switched_off_leaves_completeness_broken():
         gm = libra_transform(model, rules=libra(self_gating=False))
     report = gm.libra_report
     assert report.counts == {"attention": 0, "gate": 1, "norm": 0}
-    assert [u.op for u in report.untouched] == ["operator.mul"]
+    assert [u.op for u in report.violations] == ["operator.mul"]
     x = random_input()
     assert torch.equal(model(x), gm(x))
     assert completeness_error(gm, x[:1], biases(model)) > 1e-3
@@ -560,7 +560,7 @@ def test_all_rules_together():
     model = build(TinyBlock())
     gm = libra_transform(model, strict=True)
     assert gm.libra_report.counts == FULL
-    assert gm.libra_report.untouched == []
+    assert gm.libra_report.violations == []
     x = random_input()
     assert torch.equal(model(x), gm(x))
     assert completeness_error(gm, x[:1], biases(model)) < 1e-6
@@ -568,7 +568,7 @@ def test_all_rules_together():
 
 
 @pytest.mark.parametrize(
-    ("switch", "untouched_op", "n_untouched"),
+    ("switch", "broken_op", "n_violations"),
     [
         ("attention", "scaled_dot_product_attention", 1),
         ("gate", "silu", 1),
@@ -576,17 +576,17 @@ def test_all_rules_together():
         ("self_gating", "operator.mul", 1),
     ],
 )
-def test_switching_a_rule_off_leaves_its_ops_untouched(switch, untouched_op, n_untouched):
+def test_switching_a_rule_off_leaves_its_ops_uncertified(switch, broken_op, n_violations):
     model = build(TinyBlock())
-    with pytest.warns(LibraWarning, match=untouched_op):
+    with pytest.warns(LibraWarning, match=broken_op):
         gm = libra_transform(model, rules=libra(**{switch: False}))
     report = gm.libra_report
     assert report.rules == tuple(rule for rule in RULES if rule != switch)
     assert report.counts == {rule: n for rule, n in FULL.items() if rule != switch}
     assert all(r.rule != switch for r in report.rewrites)
-    assert len(report.untouched) == n_untouched
-    assert all(untouched_op in u.op for u in report.untouched)
-    assert untouched_op in str(report)
+    assert len(report.violations) == n_violations
+    assert all(broken_op in u.op for u in report.violations)
+    assert broken_op in str(report)
     x = random_input()
     assert torch.equal(model(x), gm(x))
     assert completeness_error(gm, x[:1], biases(model)) > 1e-3
@@ -601,7 +601,7 @@ def test_all_rules_off_is_the_vanilla_backward():
         gm = libra_transform(model, rules=off)
     assert gm.libra_report.counts == {}
     assert gm.libra_report.rewrites == []
-    assert len(gm.libra_report.untouched) == 5  # sdpa, silu, two layer_norms, the product
+    assert len(gm.libra_report.violations) == 5  # sdpa, silu, two layer_norms, the product
     x = random_input()
     assert torch.equal(model(x), gm(x))
     params = list(model.parameters())

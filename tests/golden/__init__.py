@@ -41,7 +41,7 @@ def render(gm: fx.GraphModule) -> str:
 
 def golden_text(name: str) -> str:
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a golden model must have no untouched op
+        warnings.simplefilter("error")  # a golden model must be certified complete
         return render(libra_transform(MODELS[name]()))
 
 
