@@ -30,6 +30,7 @@ from .dataflow import Dataflow, gradient_inputs
 from .graph_utils import arg, module_path, target_name
 
 Degree = Fraction
+Slot = tuple[int, str]  # an argument: its position and its keyword
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,10 @@ BIAS_SLOTS: dict[Any, Callable[[fx.Node], list[Path]]] = {
     F.layer_norm: _products_then((3, "bias")),
     F.group_norm: _products_then((3, "bias")),
     ops.libra_layer_norm: _products_then((3, "bias")),
+    ops.libra_group_norm: _products_then((3, "bias")),
     torch.baddbmm: _products_then((0, "input")),
     torch.addmm: _products_then((0, "input")),
+    torch.addcmul: _products_then((0, "input")),
     mha.multihead_attention: _products_then((5, "in_proj_bias"), (7, "out_proj_bias")),
     mha.libra_multihead_attention: _products_then((5, "in_proj_bias"), (7, "out_proj_bias")),
 }
@@ -122,7 +125,7 @@ _PRESERVING_FUNCTIONS = {
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
     F.adaptive_max_pool2d, F.dropout, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle,
     F.unfold, F.fold, torch.std, torch.linalg.vector_norm, torch.norm, torch.linalg.norm,
-    ops.libra_gelu, ops.libra_silu, ops.libra_rms_norm, ops.libra_normalize,
+    ops.libra_gelu, ops.libra_silu, ops.libra_glu, ops.libra_rms_norm, ops.libra_normalize,
 }
 _PRESERVING_METHODS = {
     "view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "expand",
@@ -265,18 +268,28 @@ def _scaled(factor: Any) -> Callable[[fx.Node, _Degrees], Any]:
     return rule
 
 
-def _attention(q: tuple[int, str], key: tuple[int, str], v: tuple[int, str]) -> Callable:
-    def rule(node: fx.Node, k: _Degrees) -> Any:
-        if any(k(arg(node, i, name)) not in (None, 0) for i, name in (q, key)):
-            raise _Broken("attention with input-dependent query or key: the softmax "
-                          "probabilities carry gradient (no attention rule applied)")
-        return k(arg(node, *v))
-    return rule
+def _check_attention(node: fx.Node, k: _Degrees, qk: tuple[Slot, ...], masks: tuple[Slot, ...]):
+    """Attention is linear in v only while the query, key and masks carry no gradient."""
+    if any(k(arg(node, i, name)) not in (None, 0) for i, name in qk):
+        raise _Broken("attention with input-dependent query or key: the softmax "
+                      "probabilities carry gradient (no attention rule applied)")
+    if any(k(arg(node, i, name, None)) not in (None, 0) for i, name in masks):
+        raise _Broken("attention whose mask carries gradient into the softmax")
+
+
+def _sdpa(node: fx.Node, k: _Degrees) -> Any:
+    _check_attention(node, k, ((0, "query"), (1, "key")), ((3, "attn_mask"),))
+    return k(arg(node, 2, "value"))
+
+
+_KEYWORD_ONLY = 1 << 30  # a position no call reaches: the argument is passed by keyword
+_MHA_MASKS = ((_KEYWORD_ONLY, "attn_mask"), (_KEYWORD_ONLY, "key_padding_mask"))
 
 
 def _mha(node: fx.Node, k: _Degrees) -> Any:
-    if node.target is mha.multihead_attention:
-        _attention((1, "query"), (2, "key"), (3, "value"))(node, k)
+    # The rewritten form detaches q and k itself; both forms leave the masks as they are.
+    qk = ((1, "query"), (2, "key")) if node.target is mha.multihead_attention else ()
+    _check_attention(node, k, qk, _MHA_MASKS)
     value = _sum(node, k, _product_of((3, "value"), (4, "in_proj_weight"), (6, "out_proj_weight"))(
         node, k))
     return None if value is None else (value, Degree(0))
@@ -286,6 +299,12 @@ def _batch_norm(node: fx.Node, k: _Degrees) -> Any:
     if arg(node, 5, "training", False):
         raise _Broken("batch norm in training mode normalises by batch statistics")
     return _with_bias(_product_of((0, "input"), (3, "weight")))(node, k)
+
+
+def _var_mean(node: fx.Node, k: _Degrees) -> Any:
+    """(variance, mean): degrees (2k, k); each output is read through getitem."""
+    base = k(node.args[0])
+    return None if base is None else (2 * base, base)
 
 
 def _masked_fill(node: fx.Node, k: _Degrees) -> Any:
@@ -298,6 +317,15 @@ def _masked_fill(node: fx.Node, k: _Degrees) -> Any:
 def _shared_product(node: fx.Node, k: _Degrees) -> Any:
     degrees = [k(a) for a in node.args]
     return None if None in degrees else sum(degrees, Degree(0)) / len(degrees)
+
+
+def _pad(node: fx.Node, k: _Degrees) -> Any:
+    value = arg(node, 3, "value", None)
+    if value in (None, 0) or arg(node, 2, "mode", "constant") != "constant":
+        return _preserving(node, k)  # zeros, or reflect/replicate/circular: a gather
+    if k(node.args[0]) == 0:
+        return Degree(0)
+    raise _Broken("pads a gradient-carrying tensor with a nonzero constant")
 
 
 def _clamp(node: fx.Node, k: _Degrees) -> Any:
@@ -313,16 +341,19 @@ _SPECIAL: dict[Any, Callable[[fx.Node, _Degrees], Any]] = {
     torch.sqrt: _scaled(Fraction(1, 2)), torch.rsqrt: _scaled(Fraction(-1, 2)),
     torch.square: _scaled(2), torch.reciprocal: _scaled(-1), torch.var: _scaled(2),
     operator.pow: _scaled(None), torch.pow: _scaled(None),
-    torch.clamp: _clamp, torch.clamp_min: _clamp,
+    torch.clamp: _clamp, torch.clamp_min: _clamp, F.pad: _pad,
     F.linear: _with_bias(_product_of((0, "input"), (1, "weight"))),
     F.conv1d: _with_bias(_product_of((0, "input"), (1, "weight"))),
     F.conv2d: _with_bias(_product_of((0, "input"), (1, "weight"))),
     F.conv3d: _with_bias(_product_of((0, "input"), (1, "weight"))),
     torch.baddbmm: _with_bias(_product_of((1, "batch1"), (2, "batch2"))),
     torch.addmm: _with_bias(_product_of((1, "mat1"), (2, "mat2"))),
+    torch.addcmul: _with_bias(_product_of((1, "tensor1"), (2, "tensor2"))),
     ops.libra_layer_norm: _with_bias(_product_of((0, "x"), (2, "weight"))),
+    ops.libra_group_norm: _with_bias(_product_of((0, "x"), (2, "weight"))),
+    torch.var_mean: _var_mean,
     F.batch_norm: _batch_norm,
-    F.scaled_dot_product_attention: _attention((0, "query"), (1, "key"), (2, "value")),
+    F.scaled_dot_product_attention: _sdpa,
     mha.multihead_attention: _mha,
     mha.libra_multihead_attention: _mha,
     torch.masked_fill: _masked_fill,
@@ -368,6 +399,14 @@ def _degree(gm: fx.GraphModule, node: fx.Node, k: _Degrees) -> Any:
     raise _Broken(f"nonlinear or unknown op on a degree-{degree} input, no rule covers it")
 
 
+def _mutates(node: fx.Node) -> bool:
+    """In-place ops change values behind the graph's edges, so they always count."""
+    if node.op == "call_function":
+        return node.target is operator.setitem or "out" in node.kwargs
+    return node.op == "call_method" and node.target.endswith("_") and not node.target.startswith(
+        "__")
+
+
 def _walk(gm: fx.GraphModule, flow: Dataflow) -> Iterator[tuple[fx.Node, _Broken]]:
     """Propagate degrees through the graph, yielding each break as it is found."""
     k = _Degrees(flow)
@@ -384,7 +423,7 @@ def _walk(gm: fx.GraphModule, flow: Dataflow) -> Iterator[tuple[fx.Node, _Broken
             inputs = [k(v) for v in gradient_inputs(node) if flow.depends_on_input(v)]
             k.k[node] = None if None in inputs else Degree(any(d != 0 for d in inputs))
             k.origin[node] = node
-            if flow.needs_rule(node):
+            if flow.needs_rule(node) or _mutates(node):
                 yield node, broken
             continue
         inputs = [v for v in node.all_input_nodes if flow.depends_on_input(v)]
@@ -393,7 +432,8 @@ def _walk(gm: fx.GraphModule, flow: Dataflow) -> Iterator[tuple[fx.Node, _Broken
 
 
 def _check_output(node: fx.Node, k: _Degrees) -> Iterator[tuple[fx.Node, _Broken]]:
-    values = node.args[0] if isinstance(node.args[0], (list, tuple)) else (node.args[0],)
+    values: list[fx.Node] = []
+    fx.node.map_arg(node.args[0], values.append)
     for value in values:
         if isinstance(value, fx.Node) and k.flow.depends_on_input(value):
             degree = k(value)

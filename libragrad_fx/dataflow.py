@@ -21,12 +21,12 @@ _NO_GRAD_FUNCTIONS = {
     getattr, len, torch._assert, torch.detach, ops.cst,
     operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
     torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
-    torch.argmax, torch.argmin, torch.zeros_like, torch.ones_like, torch.empty_like,
+    torch.argmax, torch.argmin, torch.argsort, torch.zeros_like, torch.ones_like, torch.empty_like,
     torch.full_like, torch.arange, torch.zeros, torch.ones, torch.full, torch.empty,
 }
 _NO_GRAD_METHODS = {
-    "size", "dim", "numel", "detach", "argmax", "argmin", "eq", "ne", "lt", "le", "gt", "ge",
-    "new_zeros", "new_ones", "new_empty", "new_full", "long", "int", "bool",
+    "size", "dim", "numel", "detach", "argmax", "argmin", "argsort", "eq", "ne", "lt", "le",
+    "gt", "ge", "new_zeros", "new_ones", "new_empty", "new_full", "long", "int", "bool",
     "is_floating_point", "get_device",
 }
 # Methods that read only the dtype, device or shape of their second argument.
