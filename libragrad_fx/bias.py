@@ -35,19 +35,6 @@ class BiasSite:
         return "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in self.path)
 
 
-def _sources(gm: fx.GraphModule, value: fx.Node) -> tuple[str, ...]:
-    seen, stack, found = set(), [value], []
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "get_attr":
-            found.append(str(node.target))
-        stack.extend(node.all_input_nodes)
-    return tuple(sorted(found))
-
-
 def bias_sites(gm: fx.GraphModule, flow: Dataflow) -> list[BiasSite]:
     """Every bias site of ``gm``, in graph order."""
     sites = []
@@ -61,11 +48,12 @@ def bias_sites(gm: fx.GraphModule, flow: Dataflow) -> list[BiasSite]:
                 or flow.depends_on_input(value)
                 or flow.reads_input(value)
                 or is_zero_constant(value)
+                or not flow.constant_sources(value)
             ):
                 continue
             running_mean = node.target is F.batch_norm and path in ((1,), ("running_mean",))
             sites.append(BiasSite(
-                node.name, module_path(node), target_name(node), path, _sources(gm, value),
+                node.name, module_path(node), target_name(node), path, flow.constant_sources(value),
                 implicit=value.op != "get_attr" or running_mean,
             ))
     return sites

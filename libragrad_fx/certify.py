@@ -76,6 +76,12 @@ def _products_then(*bias: tuple[int, str]) -> Callable[[fx.Node], list[Path]]:
     return lambda node: [p for i, name in bias if (p := _slot(node, i, name)) is not None]
 
 
+def _elementwise(node: fx.Node) -> list[Path]:
+    """torch.max(a, b) with two tensors picks a summand per element; with a dim it reduces."""
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    return [(0,), (1,)] if isinstance(other, fx.Node) else []
+
+
 _SUM_SLOTS: dict[Any, Callable[[fx.Node], list[Path]]] = {
     operator.add: lambda n: [(0,), (1,)],
     operator.sub: lambda n: [(0,), (1,)],
@@ -83,6 +89,10 @@ _SUM_SLOTS: dict[Any, Callable[[fx.Node], list[Path]]] = {
     torch.concat: lambda n: [(0, j) for j in range(len(n.args[0]))],
     torch.stack: lambda n: [(0, j) for j in range(len(n.args[0]))],
     torch.where: lambda n: [(1,), (2,)],
+    torch.maximum: lambda n: [(0,), (1,)],
+    torch.minimum: lambda n: [(0,), (1,)],
+    torch.max: lambda n: _elementwise(n),
+    torch.min: lambda n: _elementwise(n),
 }
 # Ops whose own value is a product of their first operands, plus bias arguments added to it.
 BIAS_SLOTS: dict[Any, Callable[[fx.Node], list[Path]]] = {
@@ -120,7 +130,7 @@ _PRESERVING_FUNCTIONS = {
     torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select, torch.sum, torch.mean,
     torch.cumsum, torch.clone, torch.gather, torch.index_select, torch.tile, torch.movedim,
     torch.repeat_interleave, torch.diagonal, torch.t, torch.relu, F.relu, F.leaky_relu,
-    torch.abs, torch.amax, torch.amin, torch.max, torch.min, torch.sort, torch.topk,
+    torch.abs, torch.amax, torch.amin, torch.sort, torch.topk,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
     F.adaptive_max_pool2d, F.dropout, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle,
@@ -133,7 +143,7 @@ _PRESERVING_METHODS = {
     "double", "mean", "sum", "chunk", "split", "unbind", "narrow", "select", "roll", "flip",
     "clone", "view_as", "reshape_as", "expand_as", "index_select", "gather", "cumsum", "relu",
     "t", "neg", "tile", "repeat_interleave", "movedim", "diagonal", "abs", "amax", "amin",
-    "max", "min", "std", "norm", "unfold", "sort", "topk",
+    "std", "norm", "unfold", "sort", "topk",
 }
 # Built-in modules still called as modules after canonicalisation that keep the degree.
 _PRESERVING_MODULES = (
@@ -181,6 +191,8 @@ class _Degrees:
             return None
         if self.flow.reads_input(value):
             return Degree(0), f"{value.name} (computed from the input but detached)"
+        if not self.flow.constant_sources(value):
+            return Degree(0), f"the constant {value.name} (no parameter or buffer behind it)"
         return Degree(1), f"bias {value.name}"
 
 
@@ -223,12 +235,18 @@ def _sum(node: fx.Node, k: _Degrees, base: Any = _NO_PRODUCT) -> Any:
     if any(d is None for d in degrees):
         return None
     if len(set(degrees)) > 1:
-        odd = [what for d, what in terms if d != 1]
-        blamed = next((k.blame(v) for v in node.all_input_nodes
-                       if k.blame(v) is not None and k(v) not in (0, 1)), None)
         listing = ", ".join(f"{what} (k={d})" for d, what in terms)
-        raise _Broken(f"adds terms of different degree: {listing}"
-                      + (f"; {odd[0]} breaks it" if odd else ""), blamed)
+        # A constant of the wrong degree is added here; an input term of the wrong degree was
+        # made upstream (an x*x meeting a residual), so the op that made it is to blame.
+        odd = [value for path in additive_slots(node)
+               if (value := argument_at(node, path)) is not None
+               and (t := k.term(value)) is not None and t[0] != 1]
+        if base is not _NO_PRODUCT and base != 1:
+            odd += [v for v in node.all_input_nodes if k.flow.depends_on_input(v)]
+        inputs_only = all(k.flow.depends_on_input(v) for v in odd)
+        blamed = next((k.blame(v) for v in odd if k.blame(v) is not None), None)
+        raise _Broken(f"adds terms of different degree: {listing}",
+                      blamed if inputs_only else None)
     return degrees[0] if degrees else Degree(0)
 
 
@@ -328,6 +346,14 @@ def _pad(node: fx.Node, k: _Degrees) -> Any:
     raise _Broken("pads a gradient-carrying tensor with a nonzero constant")
 
 
+def _reduce_only(node: fx.Node, k: _Degrees) -> Any:
+    """x.max() / x.max(dim) keep the degree; x.max(other) is left to the elementwise form."""
+    if any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()]):
+        raise _Broken("elementwise max/min of a tensor method with another tensor: write "
+                      "torch.maximum(a, b)")
+    return _preserving(node, k)
+
+
 def _clamp(node: fx.Node, k: _Degrees) -> Any:
     low, high = arg(node, 1, "min", None), arg(node, 2, "max", None)
     if low == 0 and high is None:
@@ -360,11 +386,13 @@ _SPECIAL: dict[Any, Callable[[fx.Node, _Degrees], Any]] = {
     ops.shared_product: _shared_product,
     ops.swap_backward: lambda node, k: k(node.args[1]),
     **{f: (lambda node, k: _sum(node, k)) for f in _SUM_SLOTS},
+    torch.max: lambda node, k: _sum(node, k) if _elementwise(node) else _preserving(node, k),
+    torch.min: lambda node, k: _sum(node, k) if _elementwise(node) else _preserving(node, k),
 }
 _SPECIAL_METHODS: dict[str, Callable[[fx.Node, _Degrees], Any]] = {
     "var": _scaled(2), "pow": _scaled(None), "sqrt": _scaled(Fraction(1, 2)),
     "rsqrt": _scaled(Fraction(-1, 2)), "masked_fill": _masked_fill, "clamp": _clamp,
-    "clamp_min": _clamp, "square": _scaled(2),
+    "clamp_min": _clamp, "square": _scaled(2), "max": _reduce_only, "min": _reduce_only,
 }
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bias import BiasSite
@@ -21,6 +22,8 @@ from .errors import InputError, LibraError
 from .graph_module import LibraGraphModule
 
 Target = int | Tensor | Callable[[Tensor], Tensor]
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training",
+                    "momentum", "eps")
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,34 @@ class _WithBiasLeaves(fx.Interpreter):
         with self._set_current_node(n):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             args, kwargs = list(args), dict(kwargs)
+            if n.target is F.batch_norm:
+                return self._batch_norm(n, args, kwargs)
             for path in self.paths[n.name]:
                 self._substitute(args, kwargs, path)
             return getattr(self, n.op)(n.target, tuple(args), kwargs)
+
+    def _batch_norm(self, n: fx.Node, args: list, kwargs: dict) -> Tensor:
+        """Eval batch norm with leaves for its bias and its running mean.
+
+        The kernel takes no gradient for the running mean, so its part of the implicit bias,
+        -mean * weight / sqrt(var + eps), is added as (mean - leaf) * scale: zero in value,
+        -scale in gradient.
+        """
+        call = dict(zip(_BATCH_NORM_ARGS, args, strict=False)) | kwargs
+        mean_paths = {(1,), ("running_mean",)}
+        for path in self.paths[n.name]:
+            if path not in mean_paths:
+                self._substitute(args, kwargs, path)
+        out = F.batch_norm(*args, **kwargs)
+        if not any(p in mean_paths for p in self.paths[n.name]):
+            return out
+        mean, var, weight = call["running_mean"], call["running_var"], call.get("weight")
+        leaf = mean.detach().clone().requires_grad_(True)
+        self.leaves.append(leaf)
+        scale = torch.rsqrt(var + call.get("eps", 1e-5))
+        scale = scale * weight.detach() if weight is not None else scale
+        shape = (1, -1) + (1,) * (out.dim() - 2)
+        return out + ((mean.detach() - leaf) * scale).reshape(shape)
 
     def _substitute(self, args: list, kwargs: dict, path: tuple) -> None:
         holder, key = (kwargs, path[0]) if isinstance(path[0], str) else (args, path[0])

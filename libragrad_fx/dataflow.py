@@ -103,6 +103,20 @@ class Dataflow:
         """True for a node whose value is computed from a model input's values."""
         return isinstance(value, fx.Node) and value in self.reads
 
+    def constant_sources(self, value: fx.Node) -> tuple[str, ...]:
+        """The attributes (parameters, buffers, tensor constants) a constant is computed from,
+        following values only: shapes read from the input do not count."""
+        seen, stack, found = set(), [value], set()
+        while stack:
+            node = stack.pop()
+            if node in seen or self.reads_input(node):
+                continue
+            seen.add(node)
+            if node.op == "get_attr" and self.graph.nodes[node]["kind"] != "constant":
+                found.add(str(node.target))
+            stack.extend(value_inputs(node))
+        return tuple(sorted(found))
+
     def needs_rule(self, node: fx.Node) -> bool:
         """True when the node carries input gradient that reaches the output."""
         return node in self.from_input and node in self.live
