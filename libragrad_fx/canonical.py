@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import mha
+from . import mha, ops
 from .graph_utils import arg, replace_with_call
 
 # Tensor methods that become the torch function of the same meaning (self first).
@@ -55,7 +55,7 @@ _EVAL_NOOPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d
 
 
 def _params(graph: fx.Graph, node: fx.Node, module: nn.Module, *names: str, sub: str = "") -> list:
-    """get_attr nodes for the parameters of ``module`` (None where it has none).
+    """get_attr nodes for the parameters or buffers of ``module`` (None where it has none).
 
     ``module`` is the called module or its child ``sub``.
     """
@@ -77,6 +77,20 @@ def _own_forward(module: nn.Module, base: type) -> bool:
     return isinstance(module, base) and type(module).forward is base.forward
 
 
+def _is_eval_batch_norm(m: nn.Module) -> bool:
+    """An eval BatchNorm that normalises by its running statistics: an affine map.
+
+    In training mode, or without running statistics, it normalises by the batch's own
+    statistics and stays a module (uncovered, so the certificate names it).
+    """
+    return (
+        any(_own_forward(m, cls) for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+        and not m.training
+        and m.running_mean is not None
+        and m.running_var is not None
+    )
+
+
 def _module_call(graph: fx.Graph, node: fx.Node, m: nn.Module) -> tuple | None:
     """(target, args, kwargs) of the functional form of a leaf module call, or None."""
     if node.kwargs or len(node.args) != 1:
@@ -91,6 +105,12 @@ def _module_call(graph: fx.Graph, node: fx.Node, m: nn.Module) -> tuple | None:
     if _own_forward(m, nn.LayerNorm):
         w, b = _params(graph, node, m, "weight", "bias")
         return F.layer_norm, (x, tuple(m.normalized_shape), w, b, m.eps), {}
+    if _own_forward(m, nn.GroupNorm):
+        w, b = _params(graph, node, m, "weight", "bias")
+        return F.group_norm, (x, m.num_groups, w, b, m.eps), {}
+    if _is_eval_batch_norm(m):
+        mean, var, w, b = _params(graph, node, m, "running_mean", "running_var", "weight", "bias")
+        return F.batch_norm, (x, mean, var, w, b, False, 0.0, m.eps), {}
     if _own_forward(m, nn.RMSNorm):
         (w,) = _params(graph, node, m, "weight")
         return F.rms_norm, (x, tuple(m.normalized_shape), w, m.eps), {}
@@ -100,6 +120,8 @@ def _module_call(graph: fx.Graph, node: fx.Node, m: nn.Module) -> tuple | None:
     for cls, fn in simple.items():
         if _own_forward(m, cls):
             return fn, (x,), {}
+    if _own_forward(m, nn.GLU):
+        return F.glu, (x, m.dim), {}
     if _own_forward(m, nn.Softmax) and m.dim is not None:
         return torch.softmax, (x, m.dim), {}
     return None
@@ -115,14 +137,38 @@ def _mha_call(graph: fx.Graph, node: fx.Node, m: nn.MultiheadAttention) -> tuple
     module.meta = dict(node.meta)
     w_in, b_in = _params(graph, node, m, "in_proj_weight", "in_proj_bias")
     w_out, b_out = _params(graph, node, m.out_proj, "weight", "bias", sub="out_proj")
+    # Separate q/k/v projections (kdim or vdim != embed_dim) come last, only where they exist.
+    separate = [] if m._qkv_same_embed_dim else _params(
+        graph, node, m, "q_proj_weight", "k_proj_weight", "v_proj_weight")
     q, k, v = call.pop("query"), call.pop("key"), call.pop("value")
-    return mha.multihead_attention, (module, q, k, v, w_in, b_in, w_out, b_out), call
+    params = (w_in, b_in, w_out, b_out, *separate)
+    return mha.multihead_attention, (module, q, k, v, *params), call
+
+
+def _contiguous_batch_norm_grads(graph: fx.Graph) -> None:
+    """Route the gradient into every eval batch norm through ``ops.contiguous_grad``.
+
+    PyTorch's CPU eval batch-norm backward returns a wrong input gradient for a batch of one
+    when the incoming gradient has channels-last strides with an odd batch stride (as after
+    ``y.flatten(2).transpose(1, 2)``); a contiguous gradient avoids it. The forward is the
+    same tensor.
+    """
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is F.batch_norm and not arg(
+                node, 5, "training", False):
+            with graph.inserting_after(node):
+                wrapped = graph.call_function(ops.contiguous_grad, (node,))
+            wrapped.meta = dict(node.meta)
+            node.replace_all_uses_with(wrapped, delete_user_cb=lambda u, w=wrapped: u is not w)
 
 
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite ``gm`` in place into the canonical vocabulary and return it."""
     graph = gm.graph
     for node in list(graph.nodes):
+        if node.op == "call_function" and "out" in node.kwargs and node.kwargs["out"] is None:
+            # ``out=None`` is the default (F.normalize passes it on): it writes nothing in place.
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "out"}
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
             noop = isinstance(m, nn.Identity) or (isinstance(m, _EVAL_NOOPS) and not m.training)
@@ -146,6 +192,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             target = _ALIASES[node.target]
             if target not in _BINARY or (len(node.args) == 2 and not node.kwargs):
                 replace_with_call(graph, node, target, node.args, node.kwargs)
+    _contiguous_batch_norm_grads(graph)
     graph.eliminate_dead_code()
     graph.lint()
     gm.delete_all_unused_submodules()

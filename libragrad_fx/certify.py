@@ -136,6 +136,7 @@ _PRESERVING_FUNCTIONS = {
     F.adaptive_max_pool2d, F.dropout, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle,
     F.unfold, F.fold, torch.std, torch.linalg.vector_norm, torch.norm, torch.linalg.norm,
     ops.libra_gelu, ops.libra_silu, ops.libra_glu, ops.libra_rms_norm, ops.libra_normalize,
+    ops.contiguous_grad,
 }
 _PRESERVING_METHODS = {
     "view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "expand",
@@ -430,7 +431,7 @@ def _degree(gm: fx.GraphModule, node: fx.Node, k: _Degrees) -> Any:
 def _mutates(node: fx.Node) -> bool:
     """In-place ops change values behind the graph's edges, so they always count."""
     if node.op == "call_function":
-        return node.target is operator.setitem or "out" in node.kwargs
+        return node.target is operator.setitem or node.kwargs.get("out") is not None
     return node.op == "call_method" and node.target.endswith("_") and not node.target.startswith(
         "__")
 

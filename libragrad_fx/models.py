@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 
+import torch
 from torch import nn
 
 from .errors import LibraError
@@ -42,3 +43,20 @@ def load_model(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise LibraError(f"{spec!r} is a {type(model).__name__}, not a torch.nn.Module")
     return model.eval()
+
+
+def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor | None:
+    """A random image batch of the size the model was built for, when it says so.
+
+    timm models carry ``pretrained_cfg["input_size"]``, open_clip image towers ``image_size``;
+    the torch.export frontend needs such an input to run the model once.
+    """
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if size is None and hasattr(model, "image_size"):
+        side = model.image_size
+        size = (3, *(side if isinstance(side, (tuple, list)) else (side, side)))
+    if size is None:
+        return None
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    return torch.randn(batch, *size, dtype=dtype)

@@ -78,6 +78,31 @@ def libra_silu(x: Tensor) -> Tensor:
     return _GatedSilu.apply(x)
 
 
+class _GatedGlu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.dim = dim
+        return F.glu(x, dim)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        _, b = x.chunk(2, ctx.dim)
+        # a * [sigmoid(b)]cst: the gate half gets no gradient.
+        return torch.cat([grad * torch.sigmoid(b), torch.zeros_like(b)], ctx.dim), None
+
+
+def libra_glu(x: Tensor, dim: int = -1) -> Tensor:
+    """F.glu forward (a * sigmoid(b), a and b the halves of x); backward a -> [sigmoid(b)]cst.
+
+    The sigmoid is not homogeneous, so unlike SwiGLU's SiLU branch it cannot share the
+    gradient: it is a gate, a constant for the backward, and a keeps the whole gradient.
+    """
+    return _GatedGlu.apply(x, dim)
+
+
 # --- norm rule -------------------------------------------------------------------------------
 
 
@@ -122,6 +147,34 @@ class _ConstStatRmsNorm(torch.autograd.Function):
         return g * rrms, None, dw, None
 
 
+class _ConstStatGroupNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, num_groups, weight, bias, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.groups, ctx.eps, ctx.has_bias = num_groups, eps, bias is not None
+        return F.group_norm(x, num_groups, weight, bias, eps)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        n, channels = x.shape[:2]
+        per_channel = (1, channels) + (1,) * (x.dim() - 2)
+        lead = [0, *range(2, x.dim())]  # every dim but the channels
+        grouped = x.reshape(n, ctx.groups, -1)
+        centred = grouped - grouped.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + ctx.eps)
+        g = grad if weight is None else grad * weight.reshape(per_channel)
+        g = g.reshape(n, ctx.groups, -1)
+        # As in layer norm: the mean-centring (per group) differentiable, 1/sigma a constant.
+        dx = ((g - g.mean(-1, keepdim=True)) * rstd).reshape(x.shape)
+        dw = None
+        if weight is not None:
+            dw = (grad * (centred * rstd).reshape(x.shape)).sum(lead)
+        db = grad.sum(lead) if ctx.has_bias else None
+        return dx, None, dw, db, None
+
+
 def libra_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """F.layer_norm forward; backward (x - mu) / sqrt([var]cst + eps) * w + b."""
     return _ConstStatLayerNorm.apply(x, tuple(normalized_shape), weight, bias, eps)
@@ -130,6 +183,14 @@ def libra_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 def libra_rms_norm(x, normalized_shape, weight=None, eps=None):
     """F.rms_norm forward; backward x * [rsqrt(mean x^2 + eps)]cst * w."""
     return _ConstStatRmsNorm.apply(x, tuple(normalized_shape), weight, eps)
+
+
+def libra_group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """F.group_norm forward; backward (x - mu_g) / sqrt([var_g]cst + eps) * w + b per group."""
+    return _ConstStatGroupNorm.apply(x, num_groups, weight, bias, eps)
 
 
 def libra_normalize(x, p=2.0, dim=1, eps=1e-12, out=None):
@@ -170,3 +231,24 @@ class _SharedProduct(torch.autograd.Function):
 def shared_product(*factors: Tensor) -> Tensor:
     """The product of n input-dependent factors; each factor gets 1/n of the gradient."""
     return _SharedProduct.apply(*factors)
+
+
+# --- a PyTorch workaround --------------------------------------------------------------------
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(x: Tensor) -> Tensor:
+    """``x`` itself, with its incoming gradient made contiguous (see canonical.py: eval batch
+    norm's CPU backward is wrong for some strided gradients at batch size one)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ContiguousGrad.apply(x)
+    return x

@@ -1,8 +1,12 @@
 """Attention rule: the attention probabilities are constants; gradient flows through V only.
 
-Forms: fused ``scaled_dot_product_attention`` (q and k detached, the fused kernel kept), an
-explicit ``softmax(...) @ V`` (scale, mask and dropout in between are looked through), and
-``nn.MultiheadAttention`` (canonicalised to ``mha.multihead_attention``).
+Forms: fused ``scaled_dot_product_attention`` (q and k detached, the fused kernel kept; the
+mask is left as it is: detaching one that requires grad changes the CPU kernel, and so the
+forward's bits), an explicit ``softmax(...) @ V`` (scale, mask and dropout in between are
+looked through), ``nn.MultiheadAttention`` (canonicalised to ``mha.multihead_attention``), and
+probabilities that reach their product with an input-dependent value through linear maps with
+constant weights (talking-heads mixing, scaling by constants, sums), detached where the softmax
+is read.
 """
 
 from __future__ import annotations
@@ -14,11 +18,55 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .. import mha
-from ..dataflow import Dataflow
+from ..dataflow import Dataflow, gradient_inputs
 from ..graph_utils import arg, detach_use, is_call
-from .base import Rule, through_passthrough
+from .base import Rule, is_passthrough, through_passthrough
 
 _MATMULS = (operator.matmul, torch.bmm, torch.matmul)
+_PRODUCTS = (operator.mul, torch.einsum, *_MATMULS)
+# Linear in their first argument when every other operand is a constant for the backward.
+_LINEAR_IN_FIRST = (F.linear, operator.truediv, operator.getitem, operator.neg, torch.sum,
+                    torch.mean, torch.unbind, torch.chunk, torch.split, torch.select,
+                    torch.narrow)
+_LINEAR_METHODS = {"sum", "mean", "unbind", "chunk", "split", "select", "narrow"}
+# Linear in each operand when the others are constants (the product by a constant).
+_LINEAR_IN_ANY = (operator.mul, operator.add, operator.sub, torch.einsum, *_MATMULS)
+
+
+def _linear_in(user: fx.Node, value: fx.Node) -> bool:
+    """True when ``user`` is an affine map of ``value``, its other operands being constants."""
+    first = bool(user.args) and user.args[0] is value
+    if is_passthrough(user):
+        return first
+    if user.op == "call_method":
+        return first and user.target in _LINEAR_METHODS
+    return is_call(user, *_LINEAR_IN_ANY) or (first and is_call(user, *_LINEAR_IN_FIRST))
+
+
+def _plain(product: fx.Node, softmax: fx.Node, flow: Dataflow) -> bool:
+    """The ``softmax(...) @ V`` form (through reshapes and dropout only), matched at the matmul."""
+    return is_call(product, *_MATMULS) and len(product.args) == 2 and any(
+        through_passthrough(a) is softmax and flow.depends_on_input(product.args[1 - i])
+        for i, a in enumerate(product.args))
+
+
+def _reaches_product(first: fx.Node, softmax: fx.Node, flow: Dataflow) -> bool:
+    """Whether a linear path from ``softmax`` through its user ``first`` multiplies an
+    input-dependent value (other than by the plain form)."""
+    stack, seen = [(first, softmax)], set()
+    while stack:
+        user, value = stack.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        others = [a for a in gradient_inputs(user) if a is not value]
+        dependent = any(flow.depends_on_input(a) for a in others)
+        if dependent and is_call(user, *_PRODUCTS) and flow.needs_rule(user):
+            if not _plain(user, softmax, flow):
+                return True
+        elif not dependent and _linear_in(user, value):
+            stack.extend((u, user) for u in user.users)
+    return False
 
 
 def _match(node: fx.Node, flow: Dataflow):
@@ -31,6 +79,9 @@ def _match(node: fx.Node, flow: Dataflow):
         module = node.args[0]
         owner = module.graph.owning_module.get_submodule(module.target)
         return "mha" if mha.supports_libra_attention(owner, node.kwargs) else None
+    if is_call(node, torch.softmax):
+        uses = tuple(u for u in node.users if _reaches_product(u, node, flow))
+        return uses or None
     if is_call(node, *_MATMULS) and len(node.args) == 2:
         for i, operand in enumerate(node.args):
             other = node.args[1 - i]
@@ -53,6 +104,10 @@ def _replace(graph: fx.Graph, node: fx.Node, payload) -> str:
     if payload == "mha":
         node.target = mha.libra_multihead_attention
         return "attention probabilities constant (q, k detached)"
+    if isinstance(payload, tuple):
+        for use in payload:
+            detach_use(graph, use, node)
+        return "softmax probabilities constant (linear maps of them multiply V)"
     detach_use(graph, node, node.args[payload])
     return "softmax probabilities constant"
 

@@ -41,11 +41,16 @@ _PASSTHROUGH_FUNCTIONS = {F.dropout, torch.transpose, torch.permute, torch.resha
                           torch.unsqueeze, torch.flatten, torch.clone}
 
 
+def is_passthrough(node: Any) -> bool:
+    """True for a reshape, cast or (eval) dropout of its first argument."""
+    return isinstance(node, fx.Node) and bool(node.args) and (
+        (node.op == "call_method" and node.target in _PASSTHROUGH_METHODS)
+        or is_call(node, *_PASSTHROUGH_FUNCTIONS)
+    )
+
+
 def through_passthrough(value: Any) -> Any:
     """Follow ``value`` back through reshapes, casts and (eval) dropout to its producer."""
-    while isinstance(value, fx.Node) and value.args and (
-        (value.op == "call_method" and value.target in _PASSTHROUGH_METHODS)
-        or is_call(value, *_PASSTHROUGH_FUNCTIONS)
-    ):
+    while is_passthrough(value):
         value = value.args[0]
     return value

@@ -1,8 +1,9 @@
 """Norm rule: the normalising statistic is a constant; the mean-centring stays differentiable.
 
-Forms: ``F.layer_norm``, ``F.rms_norm``, ``F.normalize`` (fused, replaced by operators with the
-same forward), and any written-out ``a / sqrt(stat)``, ``a * rsqrt(stat)`` or ``a / ||a||``,
-whose denominator is detached where it is used.
+Forms: ``F.layer_norm``, ``F.group_norm``, ``F.rms_norm``, ``F.normalize`` (fused, replaced by
+operators with the same forward), and any written-out ``a / sqrt(stat)``, ``a * rsqrt(stat)``
+or ``a / ||a||`` (over any dim: channels-first layer norms too), whose denominator is detached
+where it is used.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .base import Rule, through_passthrough
 
 _FUSED = {
     F.layer_norm: (ops.libra_layer_norm, "x-mu over [sigma]cst (layer_norm)"),
+    F.group_norm: (ops.libra_group_norm, "x-mu over [sigma]cst per group (group_norm)"),
     F.rms_norm: (ops.libra_rms_norm, "x*[rsqrt(mean x^2)]cst (rms_norm)"),
     F.normalize: (ops.libra_normalize, "x/[||x||]cst (normalize)"),
 }
@@ -68,6 +70,9 @@ def _replace(graph: fx.Graph, node: fx.Node, payload) -> str:
         x = arg(node, 0, "input")
         if node.target is F.normalize:
             args = (x, arg(node, 1, "p", 2.0), arg(node, 2, "dim", 1), arg(node, 3, "eps", 1e-12))
+        elif node.target is F.group_norm:
+            args = (x, arg(node, 1, "num_groups"), arg(node, 2, "weight", None),
+                    arg(node, 3, "bias", None), arg(node, 4, "eps", 1e-5))
         elif node.target is F.rms_norm:
             args = (x, arg(node, 1, "normalized_shape"), arg(node, 2, "weight", None),
                     arg(node, 3, "eps", None))

@@ -2,7 +2,9 @@
 
 Matches the products left after the other rules (SwiGLU, GeGLU, GluMlp: act(xW1) * (xW2)). A
 left-nested chain ((a*b)*c) is one product of three factors; its forward is computed in the
-same order, so it stays bit-identical.
+same order, so it stays bit-identical. A square (the same tensor twice) is one branch, not a
+gate: it is left to the certificate, since what follows it often restores the degree
+(sqrt(h*h), h*h/h) and sharing its gradient would break that.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ def _is_gating_product(node, flow: Dataflow) -> bool:
     return (
         is_call(node, operator.mul)
         and len(node.args) == 2
+        and node.args[0] is not node.args[1]
         and all(flow.depends_on_input(a) for a in node.args)
     )
 
