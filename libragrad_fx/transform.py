@@ -45,18 +45,23 @@ def trace_model(
         raise LibraError(f"frontend must be 'auto', 'fx' or 'export', got {frontend!r}")
     if frontend == "export" and example_inputs is None:
         raise LibraError("frontend='export' needs example_inputs=(tensor,) to run the model on")
-    if frontend != "export":
-        try:
-            return trace(model), "fx"
-        except TraceError as exc:
-            if frontend == "fx":
-                raise
-            if example_inputs is None:
-                raise TraceError(
-                    f"{exc} To fall back to the torch.export frontend, pass "
-                    "example_inputs=(tensor,) with an input the model accepts."
-                ) from exc.__cause__
-    return export_trace(model, tuple(example_inputs)), "export"
+    if frontend == "export":
+        return export_trace(model, tuple(example_inputs)), "export"
+    try:
+        return trace(model), "fx"
+    except TraceError as exc:
+        if frontend == "fx":
+            raise
+        if example_inputs is None:
+            raise TraceError(
+                f"{exc} To fall back to the torch.export frontend, pass "
+                "example_inputs=(tensor,) with an input the model accepts."
+            ) from exc.__cause__
+        fx_failure = exc
+    try:
+        return export_trace(model, tuple(example_inputs)), "export"
+    except TraceError as exc:
+        raise TraceError(f"both frontends failed. fx: {fx_failure} export: {exc}") from exc
 
 
 def libra_transform(
