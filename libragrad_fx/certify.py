@@ -151,7 +151,8 @@ _PRESERVING_MODULES = (
     nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
     nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten, nn.ZeroPad2d,
-    nn.PixelShuffle, nn.PixelUnshuffle, nn.Upsample, nn.Dropout, nn.Identity,
+    nn.PixelShuffle, nn.PixelUnshuffle, nn.Upsample, nn.Dropout, nn.Identity, nn.Unfold,
+    nn.Fold,
 )
 _ZERO_MAKERS = {torch.zeros, torch.zeros_like}
 

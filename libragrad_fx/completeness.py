@@ -150,7 +150,10 @@ def completeness_error(model_or_gm: nn.Module, x: Tensor, target: Target) -> Com
                 raise InputError(f"the model could not run on a sample of shape "
                                  f"{tuple(xi.shape)}: {exc}") from exc
             score = _score(out, target, i)
-            grads = torch.autograd.grad(score, [xi, *runner.leaves], allow_unused=True)
+            try:
+                grads = torch.autograd.grad(score, [xi, *runner.leaves], allow_unused=True)
+            except RuntimeError as exc:
+                raise LibraError(f"the backward of the model failed: {exc}") from exc
         terms = [(v * g).sum() if g is not None else score.new_zeros(())
                  for v, g in zip([xi, *runner.leaves], grads, strict=True)]
         rows.append(torch.stack([score.detach(), terms[0], sum(terms[1:], score.new_zeros(()))]))

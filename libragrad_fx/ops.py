@@ -239,7 +239,7 @@ def shared_product(*factors: Tensor) -> Tensor:
 class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        return x.view_as(x)
+        return x.clone()  # not a view: models apply in-place activations after batch norm
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:

@@ -6,6 +6,10 @@ built-in modules as leaves; canonicalisation turns those leaves into functional 
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch.fx as fx
 from torch import nn
 
@@ -39,11 +43,42 @@ class LibraTracer(fx.Tracer):
             raise
 
 
+@contextmanager
+def _state_kept(model: nn.Module) -> Iterator[None]:
+    """Put back every module's attributes after tracing.
+
+    Tracing runs the forward on proxies, and a model that caches in its forward (a dict of
+    precomputed attention biases, a flag) would keep a proxy in itself: the user's model would
+    be changed and a second trace would fail.
+    """
+    saved = []
+    for module in model.modules():
+        attrs = dict(vars(module))
+        contents = {k: copy.copy(v) for k, v in attrs.items() if isinstance(v, (dict, list, set))}
+        saved.append((module, attrs, contents))
+    try:
+        yield
+    finally:
+        for module, attrs, contents in saved:
+            state = vars(module)
+            for key in [k for k in state if k not in attrs]:
+                del state[key]
+            state.update(attrs)
+            for key, content in contents.items():
+                container = attrs[key]
+                container.clear()
+                if isinstance(container, list):
+                    container.extend(content)
+                else:
+                    container.update(content)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; raise TraceError naming the module and the reason."""
     tracer = LibraTracer()
     try:
-        graph = tracer.trace(model)
+        with _state_kept(model):
+            graph = tracer.trace(model)
     except Exception as exc:
         where = tracer.failed_module or f"<root> ({type(model).__name__})"
         raise TraceError(

@@ -456,3 +456,28 @@ def test_cli_strict_refusal_is_a_one_line_error(capsys):
     err = captured.err.strip()
     assert len(err.splitlines()) == 1
     assert "tanh" in err and "Traceback" not in err
+
+
+class CachingAttentionBias(nn.Module):
+    """Caches a tensor computed from a parameter in its forward, as some timm models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(4))
+        self.cache: dict[str, torch.Tensor] = {}
+        self.calls = 0
+
+    def forward(self, x):
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.table * 2
+        self.calls += 1
+        return x + self.cache["bias"]
+
+
+def test_tracing_leaves_a_caching_model_as_it_was():
+    model = CachingAttentionBias().eval()
+    first = libra_transform(model)
+    second = libra_transform(model)  # a proxy left in the cache would break this trace
+    assert model.cache == {} and model.calls == 0
+    x = torch.randn(2, 4)
+    assert torch.equal(first(x), model(x)) and torch.equal(second(x), model(x))

@@ -1107,3 +1107,15 @@ def test_real_model_smoke(name, kwargs, expected, side):
     x = torch.randn(1, 3, side, side)
     with torch.no_grad():
         assert torch.equal(model(x), gm(x))
+
+
+def test_in_place_activation_after_batch_norm_runs_with_gradients():
+    # the gradient fix after eval batch norm must not hand out a view: ReLU(inplace) follows
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.LeakyReLU(inplace=True)).eval()
+    gm = libra_transform(model)
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    out = gm(x)
+    assert torch.equal(out, model(x))
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    (expected,) = torch.autograd.grad(model(x).sum(), x)
+    torch.testing.assert_close(grad, expected)
