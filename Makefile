@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo golden lint clean
+.PHONY: setup test demo golden coverage lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: setup
 
 golden: setup
 	$(BIN)/python -m tests.golden
+
+coverage: setup
+	$(BIN)/python -m benchmarks.coverage
 
 lint: setup
 	$(BIN)/ruff check libragrad_fx tests benchmarks
