@@ -76,16 +76,16 @@ def _state_kept(model: nn.Module) -> Iterator[None]:
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; raise TraceError naming the module and the reason."""
     tracer = LibraTracer()
-    try:
-        with _state_kept(model):
+    with _state_kept(model):
+        try:
             graph = tracer.trace(model)
-    except Exception as exc:
-        where = tracer.failed_module or f"<root> ({type(model).__name__})"
-        raise TraceError(
-            f"cannot trace {type(model).__name__}: symbolic tracing failed in module {where}: "
-            f"{type(exc).__name__}: {exc}. Data-dependent Python control flow (an `if` or a "
-            "loop on tensor values or shapes) cannot be traced; rewrite it with tensor ops, "
-            "or pass the affected submodule separately."
-        ) from exc
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, class_name=name)
+        except Exception as exc:
+            where = tracer.failed_module or f"<root> ({type(model).__name__})"
+            raise TraceError(
+                f"cannot trace {type(model).__name__}: symbolic tracing failed in module "
+                f"{where}: {type(exc).__name__}: {exc}. Data-dependent Python control flow (an "
+                "`if` or a loop on tensor values or shapes) cannot be traced; rewrite it with "
+                "tensor ops, or pass the affected submodule separately."
+            ) from exc
+        # Built inside: it copies the tensor constants the tracer stored on the root.
+        return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
