@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .certify import additive_slots, argument_at, is_zero_constant
+from .certify import additive_slots, argument_at, bias_sources
 from .dataflow import Dataflow
 from .graph_utils import module_path, target_name
 
@@ -43,17 +43,12 @@ def bias_sites(gm: fx.GraphModule, flow: Dataflow) -> list[BiasSite]:
             continue
         for path in additive_slots(node):
             value = argument_at(node, path)
-            if (
-                not isinstance(value, fx.Node)
-                or flow.depends_on_input(value)
-                or flow.reads_input(value)
-                or is_zero_constant(value)
-                or not flow.constant_sources(value)
-            ):
+            sources = bias_sources(flow, value)
+            if not sources:
                 continue
             running_mean = node.target is F.batch_norm and path in ((1,), ("running_mean",))
             sites.append(BiasSite(
-                node.name, module_path(node), target_name(node), path, flow.constant_sources(value),
+                node.name, module_path(node), target_name(node), path, sources,
                 implicit=value.op != "get_attr" or running_mean,
             ))
     return sites

@@ -163,6 +163,14 @@ def is_zero_constant(value: fx.Node) -> bool:
         value.op == "call_method" and value.target == "new_zeros")
 
 
+def bias_sources(flow: Dataflow, value: Any) -> tuple[str, ...]:
+    """The parameters and buffers behind ``value`` when it is a bias (a constant computed from
+    them, not from the input, not zeros); empty otherwise."""
+    if (not isinstance(value, fx.Node) or flow.reads_input(value) or is_zero_constant(value)):
+        return ()
+    return flow.constant_sources(value)
+
+
 class _Degrees:
     """Degrees of the nodes seen so far; constants are 0 and carry no degree of their own."""
 
@@ -187,15 +195,13 @@ class _Degrees:
             return self.k.get(value), value.name
         if isinstance(value, numbers.Number):
             return None if value == 0 else (Degree(0), f"the number {value}")
-        if not isinstance(value, fx.Node) or value is None:
+        if not isinstance(value, fx.Node) or is_zero_constant(value):
             return None
-        if is_zero_constant(value):
-            return None
+        if bias_sources(self.flow, value):
+            return Degree(1), f"bias {value.name}"
         if self.flow.reads_input(value):
             return Degree(0), f"{value.name} (computed from the input but detached)"
-        if not self.flow.constant_sources(value):
-            return Degree(0), f"the constant {value.name} (no parameter or buffer behind it)"
-        return Degree(1), f"bias {value.name}"
+        return Degree(0), f"the constant {value.name} (no parameter or buffer behind it)"
 
 
 def _common(degrees: list[Any]) -> Any:
@@ -230,19 +236,19 @@ _NO_PRODUCT = object()
 
 def _sum(node: fx.Node, k: _Degrees, base: Any = _NO_PRODUCT) -> Any:
     """The degree of a sum of ``base`` (a product's degree) and the additive arguments."""
-    terms = [] if base is _NO_PRODUCT else [(base, "the product")]
-    summands = (k.term(argument_at(node, path)) for path in additive_slots(node))
-    terms += [t for t in summands if t is not None]
-    degrees = [d for d, _ in terms]
+    terms = [] if base is _NO_PRODUCT else [(base, "the product", None)]
+    for path in additive_slots(node):
+        value = argument_at(node, path)
+        if (term := k.term(value)) is not None:
+            terms.append((*term, value))
+    degrees = [d for d, _, _ in terms]
     if any(d is None for d in degrees):
         return None
     if len(set(degrees)) > 1:
-        listing = ", ".join(f"{what} (k={d})" for d, what in terms)
+        listing = ", ".join(f"{what} (k={d})" for d, what, _ in terms)
         # A constant of the wrong degree is added here; an input term of the wrong degree was
         # made upstream (an x*x meeting a residual), so the op that made it is to blame.
-        odd = [value for path in additive_slots(node)
-               if (value := argument_at(node, path)) is not None
-               and (t := k.term(value)) is not None and t[0] != 1]
+        odd = [value for d, _, value in terms if d != 1 and value is not None]
         if base is not _NO_PRODUCT and base != 1:
             odd += [v for v in node.all_input_nodes if k.flow.depends_on_input(v)]
         inputs_only = all(k.flow.depends_on_input(v) for v in odd)
