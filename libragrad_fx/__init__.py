@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .attribution import METHODS, Explainer, Explanation, explain
 from .bias import BiasSite
 from .certify import Violation, certify
 from .completeness import Completeness, completeness_error
@@ -20,8 +21,11 @@ from .transform import libra_transform
 
 __all__ = [
     "ALL_RULES",
+    "METHODS",
     "BiasSite",
     "Completeness",
+    "Explainer",
+    "Explanation",
     "InputError",
     "LibraError",
     "LibraGraphModule",
@@ -35,6 +39,7 @@ __all__ = [
     "Violation",
     "certify",
     "completeness_error",
+    "explain",
     "libra",
     "libra_transform",
 ]

@@ -1,0 +1,171 @@
+"""One compiled form of a model (vanilla or LibraGrad) and the forward-backward passes on it.
+
+A pass taps what a method needs (block inputs, bias-site operands, attention operands) as
+extra graph outputs and takes every gradient in one ``torch.autograd.grad`` call, batched.
+Both forms run the same code; only the graph differs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from ..dataflow import Dataflow
+from ..errors import LibraError, LibraWarning
+from ..transform import libra_transform
+from . import attention as attn
+from .bias_maps import SiteProbe, contribution, site_probes
+from .probe import Probe
+from .structure import Structure, structure
+from .targets import Target
+from .tokens import Layout, measure_layout
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method reads from a pass."""
+
+    blocks: tuple[int, ...] = ()  # block inputs (value and gradient); negative counts back
+    sites: bool = False  # bias maps
+    attention: bool = False  # A and dA of every block
+    stream_out: bool = False  # the residual stream after the last block (value only)
+    input_grad: bool = False  # df/dx
+
+
+@dataclass
+class Pass:
+    """What one forward-backward gave, token axes in the layout's order (prefix first)."""
+
+    score: Tensor
+    h: dict[int, Tensor] = field(default_factory=dict)  # (B, T, C)
+    g: dict[int, Tensor] = field(default_factory=dict)
+    site_tokens: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
+    attention: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (B, H, T, T)
+    stream_out: Tensor | None = None
+    input_grad: Tensor | None = None
+
+
+class Form:
+    """``model`` compiled once, with LibraGrad's rules (``libra=True``) or none.
+
+    It keeps the compiled graph (which shares the model's parameters and submodules), not the
+    model itself, so a cache of forms does not keep a dropped model alive.
+    """
+
+    def __init__(self, model: nn.Module, libra: bool, example: Tensor,
+                 blocks: str | None = None, frontend: str = "auto"):
+        self.libra, self.name = libra, type(model).__name__
+        with warnings.catch_warnings():
+            if not libra:
+                warnings.simplefilter("ignore", LibraWarning)
+            self.gm = libra_transform(model, rules=None if libra else (),
+                                      example_inputs=(example,), frontend=frontend)
+        self.sites = site_probes(self.gm, self.gm.libra_report.bias_sites)
+        try:
+            self._structure: Structure | LibraError = structure(self.gm, model, blocks)
+        except LibraError as exc:  # raised when a method needs the blocks
+            self._structure = exc
+        self._last_block: dict[SiteProbe, int] | None = None
+        self._probes: dict[tuple, Probe] = {}
+        self._layouts: dict[tuple, Layout] = {}
+
+    @property
+    def structure(self) -> Structure:
+        if isinstance(self._structure, LibraError):
+            raise self._structure
+        return self._structure
+
+    def last_block(self, site: SiteProbe) -> int:
+        """The last block whose input the site's op follows (-1: it comes before block 0)."""
+        if self._last_block is None:
+            graph = Dataflow.of(self.gm).graph
+            after = [nx.descendants(graph, h) for h in self.structure.inputs]
+            self._last_block = {
+                s: max((i for i, d in enumerate(after) if s.node in d), default=-1)
+                for s in self.sites}
+        return self._last_block[site]
+
+    def layout(self, x: Tensor) -> Layout:
+        key = (tuple(x.shape[1:]), x.dtype, x.device.type)
+        if key not in self._layouts:
+            self._layouts[key] = measure_layout(self.gm, self.structure, x)
+        return self._layouts[key]
+
+    def probe(self, taps: tuple[fx.Node, ...], start: fx.Node | None = None) -> Probe:
+        key = (tuple(n.name for n in taps), start.name if start is not None else None)
+        if key not in self._probes:
+            self._probes[key] = Probe(self.gm, taps, start)
+        return self._probes[key]
+
+    def run(self, x: Tensor, target: Target, needs: Needs) -> Pass:
+        """One forward and one backward on the batch ``x``."""
+        blocks, sites, att = self._selected(needs)
+        layout = self.layout(x) if (blocks or sites or att or needs.stream_out) else None
+        st = self.structure if layout is not None else None
+        taps = [st.inputs[i] for i in blocks]
+        taps += [n for s in sites for n in s.reads]
+        taps += [n for a in att for n in attn.reads(a)]
+        taps += [st.output] if needs.stream_out else []
+        wanted = list(dict.fromkeys([st.inputs[i] for i in blocks]
+                                    + [s.output for s in sites] + [a.output for a in att]))
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            output, values = self.probe(tuple(taps))(x)
+            score = target.score(output, self.libra)
+            tensors = [values[n] for n in wanted] + [x]
+            grads = _gradients(score, tensors)
+        grad_of = dict(zip(wanted, grads[:-1], strict=True))
+        result = Pass(score.detach(), input_grad=grads[-1] if needs.input_grad else None)
+        for i in blocks:
+            node = st.inputs[i]
+            result.h[i] = _tokens_last(layout, node, values[node].detach())
+            result.g[i] = _tokens_last(layout, node, grad_of[node])
+        for s in sites:
+            part = contribution(s, values, grad_of[s.output])
+            tokens = layout.to_tokens(s.output, part)
+            if tokens is None:
+                rest, tokens = layout.unassigned(part, layout.axes[s.output].batch), None
+            else:
+                rest = tokens.new_zeros(tokens.shape[0])
+            result.site_tokens.append((self.last_block(s), tokens, rest))
+        for a in att:
+            probs, grad = attn.probabilities(a, values, grad_of[a.output])
+            order = list(layout.order)
+            result.attention.append((probs[..., order, :][..., order],
+                                     grad[..., order, :][..., order]))
+        if needs.stream_out:
+            result.stream_out = _tokens_last(layout, st.output, values[st.output].detach())
+        return result
+
+    def _selected(self, needs: Needs):
+        count = len(self.structure.inputs) if (needs.blocks or needs.attention) else 0
+        blocks = tuple(sorted({b % count for b in needs.blocks})) if needs.blocks else ()
+        att = ()
+        if needs.attention:
+            att = self.structure.attention
+            if any(a is None for a in att):
+                raise LibraError(f"{self.name} has no attention in every block "
+                                 f"of {self.structure.path}; attention methods need one")
+        return blocks, (self.sites if needs.sites else ()), att
+
+
+def _gradients(score: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    if not score.requires_grad:
+        raise LibraError("the score does not depend on the input through the model; check "
+                         "the target")
+    grads = torch.autograd.grad(score.sum(), tensors, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g.detach()
+            for t, g in zip(tensors, grads, strict=True)]
+
+
+def _tokens_last(layout: Layout, node: fx.Node, value: Tensor) -> Tensor:
+    """A (batch, tokens, channels) value in the layout's token order."""
+    axes = layout.axes[node]
+    value = value.movedim(axes.batch, 0)
+    token = axes.tokens + (axes.tokens < axes.batch)
+    return value.movedim(token, 1)[:, list(layout.order)]

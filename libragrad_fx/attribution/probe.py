@@ -1,0 +1,52 @@
+"""Probes: a graph that also hands back the values of chosen nodes, and its tail from a node on.
+
+A method's intermediate values (block inputs, bias-site outputs, attention operands) come out
+of one forward as extra outputs, so their gradients come out of one backward with
+``torch.autograd.grad``: no hooks, no per-sample loops, and the forward's values stay the
+graph's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch.fx as fx
+from torch import Tensor
+
+from ..errors import InputError, LibraError
+
+
+class Probe:
+    """``gm`` returning ``(output, {node: value})`` for ``taps``.
+
+    With ``start`` given, the graph runs from that node on: the node becomes a second input
+    (``stream``), and what only fed it is dropped, which is how integrated gradients
+    interpolates the residual stream without recomputing the embedding.
+    """
+
+    def __init__(self, gm: fx.GraphModule, taps: Sequence[fx.Node], start: fx.Node | None = None):
+        graph = fx.Graph()
+        mapping: dict[fx.Node, fx.Node] = {}
+        output = graph.graph_copy(gm.graph, mapping)
+        self.taps = tuple(dict.fromkeys(taps))
+        graph.output((output, tuple(mapping[t] for t in self.taps)))
+        if start is not None:
+            first_input = next(n for n in graph.nodes if n.op == "placeholder")
+            with graph.inserting_after(first_input):  # before any optional argument
+                stream = graph.placeholder("stream")
+            mapping[start].replace_all_uses_with(stream)
+            graph.eliminate_dead_code()
+        graph.lint()
+        self.module = fx.GraphModule(gm, graph)
+
+    def __call__(self, *inputs: Tensor) -> tuple[Any, dict[fx.Node, Any]]:
+        try:
+            output, values = self.module(*inputs)
+        except LibraError:
+            raise
+        except Exception as exc:
+            shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+            raise InputError(f"the model could not run on input(s) of shape {shapes}: "
+                             f"{str(exc).strip().splitlines()[-1]}") from exc
+        return output, dict(zip(self.taps, values, strict=True))
