@@ -18,7 +18,9 @@ import torch
 
 from libragrad_fx import (
     METHODS,
+    Explainer,
     InputError,
+    LibraError,
     TrainingModeError,
     completeness_error,
     explain,
@@ -247,3 +249,23 @@ def test_a_model_in_training_mode_is_refused():
     model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2).train()
     with pytest.raises(TrainingModeError, match="model.eval"):
         explain(model, torch.randn(1, 3, 64, 64), target=0, method="gradient")
+
+
+def test_attention_method_on_a_model_without_attention():
+    model = _perturbed(timm.create_model("mixer_s16_224", img_size=64).eval())
+    with pytest.raises(LibraError, match="block blocks.0 of MlpMixer has no attention"):
+        explain(model, torch.randn(1, 3, 64, 64), target=0, method="rollout")
+
+
+def test_the_blocks_can_be_named_and_a_model_without_blocks_is_refused(vit):
+    model, x = vit
+    named = Explainer(model, blocks="blocks").explain(x, target=3, method="fullgrad+")
+    found = explain(model, x, target=3, method="fullgrad+")
+    torch.testing.assert_close(named.token_map, found.token_map)
+    with pytest.raises(LibraError, match="blocks='stem' is not a run.*the runs found are: blocks"):
+        Explainer(model, blocks="stem").explain(x, target=3, method="fullgrad+")
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.LazyLinear(2)).eval()
+    cnn(x)
+    with pytest.raises(LibraError, match="no repeated blocks.*blocks='path.to.blocks'"):
+        explain(cnn, x, target=1, method="input_x_gradient")

@@ -148,9 +148,13 @@ class Form:
         att = ()
         if needs.attention:
             att = self.structure.attention
-            if any(a is None for a in att):
-                raise LibraError(f"{self.name} has no attention in every block "
-                                 f"of {self.structure.path}; attention methods need one")
+            missing = [i for i, a in enumerate(att) if a is None]
+            if missing:
+                raise LibraError(
+                    f"block {self.structure.path}.{missing[0]} of {self.name} has no attention "
+                    "that attention methods can read (softmax(...) @ V, "
+                    "scaled_dot_product_attention or nn.MultiheadAttention); use a gradient "
+                    "method such as fullgrad+")
         return blocks, (self.sites if needs.sites else ()), att
 
 

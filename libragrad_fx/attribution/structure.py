@@ -88,8 +88,7 @@ def find_blocks(gm: fx.GraphModule, model: nn.Module, override: str | None = Non
     if not runs:
         raise LibraError(
             f"{type(model).__name__} has no repeated blocks (modules P.0, P.1, ... of one "
-            "class) for token-level methods to read; pass blocks='path.to.blocks', or use "
-            "level='pixel' with a pixel-level method")
+            "class) for explain to read its tokens from; pass blocks='path.to.blocks'")
     return max(runs, key=lambda p: (len(runs[p]), -p.count(".")))
 
 
