@@ -70,6 +70,23 @@ class Explainer:
             self._forms[key] = Form(self.tower, libra, x, blocks, self.frontend)
         return self._forms[key]
 
+    def any_form(self, x: Tensor) -> Form:
+        """A compiled form for forward-only work (both forms have the model's forward): one
+        already compiled if there is one, else the vanilla one."""
+        for libra in (True, False):
+            if (libra, self.blocks, self.frontend) in self._forms:
+                return self._forms[(libra, self.blocks, self.frontend)]
+        return self.form(False, x)
+
+    @classmethod
+    def cached(cls, model: nn.Module | Explainer, blocks: str | None = None) -> Explainer:
+        """The Explainer of ``model`` that shares ``explain()``'s compiled forms."""
+        if isinstance(model, Explainer):
+            return model
+        if not isinstance(model, nn.Module):
+            raise LibraError(f"explain needs a torch.nn.Module, got {type(model).__name__}")
+        return cls(model, blocks=blocks, _forms=_FORMS.setdefault(model, {}))
+
     def explain(self, x: Tensor, *, target: object, method: str = "fullgrad+",
                 libra: bool = True, level: str = "token", **options) -> Explanation:
         """See ``libragrad_fx.explain``."""
@@ -319,11 +336,5 @@ def explain(model: nn.Module | Explainer, x: Tensor, *, target: object,
     ``query="cls"|"mean"``.
     The model is compiled once per form and cached while it is alive.
     """
-    if isinstance(model, Explainer):
-        explainer = model
-    else:
-        if not isinstance(model, nn.Module):
-            raise LibraError(f"explain needs a torch.nn.Module, got {type(model).__name__}")
-        explainer = Explainer(model, _forms=_FORMS.setdefault(model, {}))
-    return explainer.explain(x, target=target, method=method, libra=libra, level=level,
-                             **options)
+    return Explainer.cached(model).explain(x, target=target, method=method, libra=libra,
+                                           level=level, **options)

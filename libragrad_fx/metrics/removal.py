@@ -1,0 +1,352 @@
+"""Faithfulness by token removal (DESIGN §5): MIF, LIF and their gap SRG.
+
+Patches are ranked by attribution and removed in that order (MIF: most influential first) or
+the reverse (LIF: least influential first); a faithful map makes the target's probability fall
+fast under MIF and slowly under LIF. Removal happens where the model sees tokens, on the first
+block's input h_0: removed patch tokens are dropped from the sequence when the rest of the graph
+runs on a shorter sequence (a ViT), and zeroed otherwise (a Mixer's token-mixing MLP needs every
+token). ``mode="pixel"`` instead paints the removed patches with a fill value and reruns the
+whole model, which serves any image model.
+
+Every (curve, fraction, sample) row is one row of a batch: the stream h_0 is computed once, and
+only the graph's tail after h_0 runs per row, in chunks of ``internal_batch_size``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..attribution import Explainer, Explanation
+from ..attribution.engine import Form
+from ..attribution.targets import Target, resolve
+from ..errors import InputError, TrainingModeError
+
+FRACTIONS = tuple(i / 10 for i in range(10))  # 0.0, 0.1, ..., 0.9
+MODES = ("auto", "drop", "zero", "pixel")
+
+
+@dataclass(frozen=True)
+class RemovalCurves:
+    """Curves of one removal run, each (B, F) over ``fractions`` (F,), r = 0 first.
+
+    ``*_probability`` is the target's softmax probability (for a callable or text target, the
+    score it returns); ``*_accuracy`` is 1.0 where the argmax is the target class (NaN when the
+    target is not a class index). ``mode`` is how patches were removed: ``"drop"``, ``"zero"``
+    or ``"pixel"``; ``fallback`` says why ``mode="auto"`` could not drop, if it could not.
+    Areas use the trapezoid rule over r, unnormalised (the largest possible is
+    ``fractions[-1] - fractions[0]``, 0.9 by default).
+    """
+
+    fractions: Tensor
+    mif_probability: Tensor
+    lif_probability: Tensor
+    mif_accuracy: Tensor
+    lif_accuracy: Tensor
+    mode: str
+    removed: Tensor  # (F,) how many patches each fraction removes: round(r * patches)
+    fallback: str | None = None
+
+    def _area(self, curve: Tensor) -> Tensor:
+        return torch.trapezoid(curve, self.fractions.to(curve), dim=-1)
+
+    @property
+    def mif_probability_area(self) -> Tensor:
+        """(B,): lower is better."""
+        return self._area(self.mif_probability)
+
+    @property
+    def lif_probability_area(self) -> Tensor:
+        """(B,): higher is better."""
+        return self._area(self.lif_probability)
+
+    @property
+    def srg_probability(self) -> Tensor:
+        """(B,): LIF area minus MIF area, higher is better."""
+        return self.lif_probability_area - self.mif_probability_area
+
+    @property
+    def mif_accuracy_area(self) -> Tensor:
+        return self._area(self.mif_accuracy)
+
+    @property
+    def lif_accuracy_area(self) -> Tensor:
+        return self._area(self.lif_accuracy)
+
+    @property
+    def srg_accuracy(self) -> Tensor:
+        return self.lif_accuracy_area - self.mif_accuracy_area
+
+    def mean(self) -> dict[str, float]:
+        """Every area and SRG averaged over the batch (NaN rows, accuracy without class
+        targets, are skipped)."""
+        names = ("mif_probability_area", "lif_probability_area", "srg_probability",
+                 "mif_accuracy_area", "lif_accuracy_area", "srg_accuracy")
+        return {name: float(getattr(self, name).double().nanmean()) for name in names}
+
+
+def token_removal(model: nn.Module | Explainer, x: Tensor, attribution: Tensor | Explanation,
+                  target: object, *, mode: str = "auto",
+                  fractions: Sequence[float] = FRACTIONS, fill: float | Tensor = 0.0,
+                  grid: tuple[int, int] | None = None, internal_batch_size: int = 64,
+                  seed: int = 0, progress: bool = False,
+                  blocks: str | None = None) -> RemovalCurves:
+    """MIF and LIF curves of ``attribution`` on ``model`` at ``x`` (B, C, H, W).
+
+    ``attribution``: the patch map, (B, gh, gw) or (B, gh·gw) in raster order, or an
+    ``Explanation`` (its ``patch_map``). Patches are ranked by the signed value, ties broken
+    at random (``seed``) so that a flat map favours neither curve; LIF removes in exactly the
+    reverse of MIF's order. A fraction r removes round(r · patches) patches; prefix tokens
+    (class, registers) are never removed. ``target``: a class index or one per sample, a
+    callable mapping the output to one score per sample (applied to any subset of rows), or
+    what ``explain`` accepts for CLIP. ``mode``: ``"auto"`` (drop if the model runs on the
+    shorter sequence with an output of the same shape, else zero), ``"drop"``, ``"zero"`` or
+    ``"pixel"`` (``fill``: a number or a tensor broadcastable to x; ``grid`` is needed only
+    for a flat, non-square map).
+    """
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise InputError("x must be a batch of images, (batch, channels, height, width)")
+    if internal_batch_size < 1:
+        raise InputError("internal_batch_size must be positive")
+    batch = x.shape[0]
+    scores, grid = _patch_scores(attribution, batch, grid)
+    patches = scores.shape[1]
+    fraction = torch.as_tensor(list(fractions), dtype=torch.float64)
+    if fraction.dim() != 1 or not len(fraction) or bool((fraction < 0).any()) or bool(
+            (fraction >= 1).any()) or bool((fraction.diff() <= 0).any()):
+        raise InputError("fractions must increase strictly, within [0, 1)")
+    removed = torch.round(fraction * patches).long()
+    if not isinstance(model, (nn.Module, Explainer)):
+        raise InputError(f"token_removal needs a torch.nn.Module, got {type(model).__name__}")
+    explainer = Explainer.cached(model, blocks)
+    goal = resolve(target, explainer.model, score="probability")
+    if goal.count is not None and goal.count != batch:
+        raise InputError(f"{goal.count} targets for a batch of {batch} images; pass one "
+                         "target, or one per image")
+    rank = _ranks(scores.to(x.device), seed)
+    plan = _Plan(rank, removed.to(x.device), goal, internal_batch_size, progress)
+    fallback = None
+    if mode == "pixel":
+        tower = explainer.tower
+        if any(m.training for m in tower.modules()):
+            raise TrainingModeError("the model is in training mode; call model.eval() first")
+        result = plan.evaluate(_Pixels(tower, x, grid, patches, fill), split=False, desc="pixel")
+        used = "pixel"
+    else:
+        stream = _Stream(explainer.any_form(x), x, grid, patches, internal_batch_size)
+        result, used = None, mode
+        if mode in ("auto", "drop"):
+            try:
+                result, used = plan.evaluate(stream.dropping, split=True, desc="drop"), "drop"
+            except _CannotDrop as exc:
+                if mode == "drop":
+                    raise InputError(f"cannot drop tokens from this model: {exc}") from exc
+                fallback = str(exc)
+        if result is None:
+            result, used = plan.evaluate(stream.zeroing, split=False, desc="zero"), "zero"
+    probability, accuracy = result
+    return RemovalCurves(fraction, probability[0], probability[1], accuracy[0], accuracy[1],
+                         used, removed, fallback)
+
+
+def _patch_scores(attribution: Tensor | Explanation, batch: int,
+                  grid: tuple[int, int] | None) -> tuple[Tensor, tuple[int, int] | None]:
+    """(B, P) scores and the patch grid, where the map's shape says it."""
+    if isinstance(attribution, Explanation):
+        attribution = attribution.patch_map
+    if not isinstance(attribution, Tensor) or attribution.dim() not in (2, 3):
+        raise InputError("attribution must be a patch map, (B, gh, gw) or (B, gh*gw), or an "
+                         "Explanation")
+    if attribution.shape[0] != batch:
+        raise InputError(f"{attribution.shape[0]} maps for a batch of {batch} images")
+    if attribution.dim() == 3:
+        shape = tuple(attribution.shape[1:])
+        if grid is not None and tuple(grid) != shape:
+            raise InputError(f"grid={grid} does not match the map's {shape}")
+        grid = shape
+    scores = attribution.detach().flatten(1).float()
+    if grid is not None and grid[0] * grid[1] != scores.shape[1]:
+        raise InputError(f"a {grid[0]}x{grid[1]} grid does not hold {scores.shape[1]} patches")
+    return scores, grid
+
+
+def _ranks(scores: Tensor, seed: int) -> Tensor:
+    """(B, P): each patch's place in descending order, 0 the most influential; ties in a
+    random order (one permutation per row)."""
+    generator = torch.Generator().manual_seed(seed)
+    shuffle = torch.rand(scores.shape, generator=generator).argsort(1).to(scores.device)
+    order = scores.gather(1, shuffle).argsort(dim=1, descending=True, stable=True)
+    order = shuffle.gather(1, order)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return rank
+
+
+class _CannotDrop(Exception):
+    """The graph's tail does not run, or changes its output, on a shortened sequence."""
+
+
+class _Plan:
+    """The rows (curve, fraction, sample), their order, chunks and scores."""
+
+    def __init__(self, rank: Tensor, removed: Tensor, goal: Target, size: int, progress: bool):
+        self.rank, self.removed, self.goal, self.size = rank, removed, goal, size
+        self.progress = progress
+        batch, device = rank.shape[0], rank.device
+        rows = []  # the most removed first: the first chunk is the test that dropping works
+        for j in sorted(range(len(removed)), key=lambda i: -int(removed[i])):
+            for curve in ((0,) if int(removed[j]) == 0 else (0, 1)):  # r = 0: one curve
+                rows.append(torch.stack(torch.broadcast_tensors(
+                    torch.tensor(curve, device=device), torch.tensor(j, device=device),
+                    torch.arange(batch, device=device))))
+        self.curve, self.fraction, self.sample = torch.cat(rows, 1)
+        table = goal.table
+        self.classes = (None if table is None or table.is_floating_point()
+                        else table.to(device).expand(batch))
+
+    def chunks(self, split: bool) -> Iterator[Tensor]:
+        """Row indices, ``size`` at most; with ``split``, one fraction per chunk."""
+        keys = self.fraction if split else torch.zeros_like(self.fraction)
+        _, counts = torch.unique_consecutive(keys, return_counts=True)
+        start = 0
+        for count in counts.tolist():
+            for lo in range(start, start + count, self.size):
+                yield torch.arange(lo, min(lo + self.size, start + count),
+                                   device=self.fraction.device)
+            start += count
+
+    def evaluate(self, run: Callable[[Tensor, Tensor], Tensor], split: bool,
+                 desc: str) -> tuple[Tensor, Tensor]:
+        """(2, B, F) probabilities and accuracies, LIF's r = 0 copied from MIF's."""
+        batch, patches = self.rank.shape
+        frames = len(self.removed)
+        probability = torch.full((2, batch, frames), float("nan"), dtype=torch.float64,
+                                 device=self.rank.device)
+        accuracy = probability.clone()
+        with _progress(len(self.sample), desc, self.progress) as bar, torch.no_grad():
+            for rows in self.chunks(split):
+                curve, fraction, sample = (self.curve[rows], self.fraction[rows],
+                                           self.sample[rows])
+                k = self.removed[fraction][:, None]
+                rank = self.rank[sample]
+                gone = torch.where(curve[:, None] == 0, rank < k, rank >= patches - k)
+                output = run(sample, gone)
+                value = self.goal.take(sample).score(output, False)
+                probability[curve, sample, fraction] = value.double()
+                if self.classes is not None:
+                    hit = output.argmax(-1) == self.classes[sample]
+                    accuracy[curve, sample, fraction] = hit.double()
+                bar.update(len(rows))
+        first = self.removed == 0
+        probability[1][:, first] = probability[0][:, first]
+        accuracy[1][:, first] = accuracy[0][:, first]
+        return probability, accuracy
+
+
+@contextlib.contextmanager
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        yield _NoBar()
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:
+        raise InputError("progress=True needs tqdm (pip install tqdm)") from exc
+    with tqdm(total=total, desc=f"token removal ({desc})", unit="row") as bar:
+        yield bar
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+class _Stream:
+    """The first block's input h_0 of every image, and the graph's tail that runs from it."""
+
+    def __init__(self, form: Form, x: Tensor, grid: tuple[int, int] | None, patches: int,
+                 size: int):
+        h0 = form.structure.inputs[0]
+        layout = form.layout(x)
+        axes = layout.axes[h0]
+        self.permute = (axes.batch, axes.tokens, 3 - axes.batch - axes.tokens)
+        self.restore = tuple(torch.tensor(self.permute).argsort().tolist())
+        if grid is not None and tuple(grid) != tuple(layout.grid):
+            raise InputError(f"the map's {grid[0]}x{grid[1]} patches are not the model's "
+                             f"{layout.grid[0]}x{layout.grid[1]} grid")
+        self.positions = torch.tensor(layout.order[layout.prefix:], device=x.device)
+        if len(self.positions) != patches:
+            raise InputError(f"the map has {patches} patches, the model "
+                             f"{layout.grid[0]}x{layout.grid[1]}")
+        self.tokens = layout.tokens
+        full = form.probe((h0,))
+        parts, shape = [], None
+        with torch.no_grad():
+            for lo in range(0, x.shape[0], size):
+                output, values = full(x[lo:lo + size])
+                parts.append(values[h0].permute(self.permute))
+                shape = tuple(output.shape[1:])
+        self.h0, self.shape, self.x = torch.cat(parts), shape, x
+        self.tail = form.probe((), start=h0)
+
+    def _removed(self, gone: Tensor) -> Tensor:
+        """(N, P) patches -> (N, T) model token positions."""
+        mask = gone.new_zeros(gone.shape[0], self.tokens)
+        mask[:, self.positions] = gone
+        return mask
+
+    def zeroing(self, sample: Tensor, gone: Tensor) -> Tensor:
+        stream = self.h0[sample].masked_fill(self._removed(gone)[..., None], 0)
+        return self.tail(self.x[sample], stream.permute(self.restore))[0]
+
+    def dropping(self, sample: Tensor, gone: Tensor) -> Tensor:
+        mask = self._removed(gone)
+        keep = self.tokens - int(mask[0].sum())
+        kept = mask.to(torch.int8).argsort(dim=1, stable=True)[:, :keep]  # in model order
+        stream = self.h0[sample]
+        stream = stream.gather(1, kept[..., None].expand(-1, -1, stream.shape[-1]))
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # fx prints the failing line
+                output = self.tail(self.x[sample], stream.permute(self.restore))[0]
+        except Exception as exc:
+            raise _CannotDrop(f"the model fails on {keep} of {self.tokens} tokens: "
+                              f"{str(exc).strip().splitlines()[-1]}") from exc
+        if not isinstance(output, Tensor) or tuple(output.shape[1:]) != self.shape:
+            got = tuple(output.shape[1:]) if isinstance(output, Tensor) else type(output)
+            raise _CannotDrop(f"on {keep} of {self.tokens} tokens the output per sample is "
+                              f"{got}, not {self.shape}")
+        return output
+
+
+class _Pixels:
+    """Removed patches painted with ``fill``, and the whole model rerun."""
+
+    def __init__(self, module: nn.Module, x: Tensor, grid: tuple[int, int] | None,
+                 patches: int, fill: float | Tensor):
+        side = round(patches ** 0.5)
+        if grid is None and side * side == patches:
+            grid = (side, side)
+        if grid is None:
+            raise InputError(f"pixel removal needs the patch grid of the {patches} patches: "
+                             "pass a (B, gh, gw) map or grid=(gh, gw)")
+        self.module, self.x, self.grid = module, x, grid
+        try:
+            self.fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device).expand_as(x)
+        except RuntimeError as exc:
+            raise InputError(f"fill does not broadcast to the images' {tuple(x.shape)}") from exc
+
+    def __call__(self, sample: Tensor, gone: Tensor) -> Tensor:
+        (gh, gw), (height, width) = self.grid, self.x.shape[-2:]
+        ph, pw = height // gh, width // gw
+        patches = gone.reshape(-1, gh, gw).repeat_interleave(ph, 1).repeat_interleave(pw, 2)
+        mask = gone.new_zeros(gone.shape[0], height, width)
+        mask[:, :gh * ph, :gw * pw] = patches
+        images = torch.where(mask[:, None], self.fill[sample], self.x[sample])
+        return self.module(images)
