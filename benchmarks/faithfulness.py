@@ -1,0 +1,256 @@
+"""Faithfulness of every method, vanilla and LibraGrad, on the trained digits models.
+
+    python -m benchmarks.faithfulness [--quick] [--images N] [--json PATH] [--out PATH]
+    torchrun --nproc_per_node 2 -m benchmarks.faithfulness ...   (images sharded over processes)
+
+For each shipped model (libragrad_fx.digits) and each method in both forms, on single-digit test
+canvases: MIF, LIF and SRG by token removal (DESIGN §5), the completeness error, localisation AP
+against the digit's mask; on two-digit canvases, class discrimination (the share of positive
+attribution on the queried digit). CLIP is explained as a zero-shot classifier over the ten
+captions, 100·cos(image, caption). Writes docs/results.md and a JSON of the per-model means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from benchmarks import shards
+from libragrad_fx import METHODS, Explainer, LibraError, explain
+from libragrad_fx.digits import data, models
+from libragrad_fx.metrics import (
+    average_precision,
+    class_discrimination,
+    completeness_gap,
+    token_removal,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+ATTENTION = ("attention", "rollout", "genatt", "gradsam", "attcat", "tokentm")
+# methods whose map is read off a gradient (the Libra switch changes them)
+GRADIENT = tuple(m for m in METHODS if m not in ("attention", "rollout"))
+COMPLETE = ("fullgrad", "fullgrad+", "integrated_gradients")
+METRICS = ("srg", "mif", "lif", "srg_accuracy", "completeness", "ap", "discrimination")
+
+
+class ZeroShot(nn.Module):
+    """A CLIP as a ten-class classifier: 100·cos(image, caption) for each caption."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+        with torch.no_grad():
+            text = clip.encode_text(models.tokenize_captions(), normalize=True)
+        self.register_buffer("captions", text)
+        self.training = False
+
+    def forward(self, images: Tensor) -> Tensor:
+        return 100 * self.clip.encode_image(images, normalize=True) @ self.captions.T
+
+
+def _model(name: str) -> nn.Module:
+    model = models.load(name)
+    return ZeroShot(model) if name == "clip" else model
+
+
+def _options(method: str, quick: bool) -> dict:
+    if method == "integrated_gradients":
+        return {"steps": 8 if quick else 32, "internal_batch_size": 256}
+    if method == "smoothgrad":
+        return {"base": "input_x_gradient", "samples": 4 if quick else 16,
+                "internal_batch_size": 256}
+    return {}
+
+
+def measure(model: nn.Module, method: str, libra: bool, single, two, quick: bool
+            ) -> list[dict[str, float]] | None:
+    """Per-image metrics of one (model, method, form), or None where the method does not apply."""
+    explainer = Explainer(model)
+    options = _options(method, quick)
+    x, labels = single.images, single.labels
+    try:
+        e = explain(explainer, x, target=labels, method=method, libra=libra, **options)
+    except LibraError:  # e.g. attention methods on a model without attention
+        return None
+    curves = token_removal(explainer, x, e, labels, internal_batch_size=512)
+    size = tuple(x.shape[-2:])
+    ap = average_precision(e.heatmap(size), single.masks)
+    gap = completeness_gap(e)
+    shares = []
+    for k in (0, 1):
+        ek = explain(explainer, two.images, target=two.labels[:, k], method=method, libra=libra,
+                     **options)
+        shares.append(class_discrimination(ek.heatmap(size), two.masks[:, k],
+                                           two.masks[:, 1 - k]))
+    share = (shares[0] + shares[1]) / 2
+    columns = {
+        "srg": curves.srg_probability, "mif": curves.mif_probability_area,
+        "lif": curves.lif_probability_area, "srg_accuracy": curves.srg_accuracy,
+        "completeness": gap, "ap": ap, "discrimination": share,
+    }
+    return [{k: float(v[i]) for k, v in columns.items()} for i in range(x.shape[0])]
+
+
+def _images(count: int, quick: bool):
+    single = data.make_digits("test", count, seed=1)
+    two = data.make_digits("test", count, two=True, seed=2)
+    return single, two
+
+
+def _take(batch: data.DigitImages, index: list[int]) -> data.DigitImages:
+    return dataclasses.replace(batch, images=batch.images[index], labels=batch.labels[index],
+                               masks=batch.masks[index], sources=batch.sources[index])
+
+
+def run(names: list[str], methods: list[str], count: int, quick: bool) -> dict:
+    """{model: {method: {"vanilla"|"libra": {metric: mean}}}}, gathered on rank 0."""
+    rank, _ = shards.world()
+    index = shards.shard(count)
+    single, two = _images(count, quick)
+    single, two = _take(single, index), _take(two, index)
+    jobs = [(n, m, libra) for n in names for m in methods for libra in (False, True)]
+    rows: dict[tuple, list | None] = {}
+    loaded: dict[str, nn.Module] = {}
+    for name, method, libra in tqdm(jobs, desc=f"faithfulness (rank {rank})", disable=rank != 0):
+        if name not in loaded:
+            loaded[name] = _model(name)
+        model = loaded[name]
+        rows[(name, method, libra)] = measure(model, method, libra, single, two, quick)
+    result: dict = {}
+    for key, part in rows.items():
+        gathered = shards.gather(part or [], count) if part is not None else None
+        if rank != 0:
+            continue
+        name, method, libra = key
+        slot = result.setdefault(name, {}).setdefault(method, {})
+        slot["libra" if libra else "vanilla"] = None if gathered is None else {
+            metric: _nanmean([row[metric] for row in gathered]) for metric in METRICS}
+    return result
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def claims(result: dict) -> list[tuple[str, str, bool, str]]:
+    """(model, claim, holds, evidence) for the three claims the issue makes."""
+    out = []
+    for name, table in result.items():
+        def srg(method: str, form: str, table: dict = table) -> float:
+            cell = table.get(method, {}).get(form)
+            return float("nan") if cell is None else cell["srg"]
+
+        worse = [m for m in GRADIENT if table.get(m, {}).get("libra") is not None
+                 and not srg(m, "libra") > srg(m, "vanilla")]
+        out.append((name, "Libra improves SRG for every gradient method", not worse,
+                    "all improve" if not worse else "not for " + ", ".join(worse)))
+        libra_gap = table["fullgrad+"]["libra"]["completeness"]
+        vanilla_gap = table["fullgrad"]["vanilla"]["completeness"]
+        out.append((name, "Libra FullGrad+ completeness < 1e-4, vanilla FullGrad's is not",
+                    libra_gap < 1e-4 <= vanilla_gap,
+                    f"Libra FullGrad+ {libra_gap:.1e}, vanilla FullGrad {vanilla_gap:.2g}"))
+        best = max(((srg(m, f), m, f) for m in ATTENTION for f in ("vanilla", "libra")
+                    if table.get(m, {}).get(f) is not None), default=None)
+        if best is None:
+            out.append((name, "Libra FullGrad+ SRG >= every attention method's", True,
+                        "no attention methods (no attention in the model)"))
+        else:
+            ours = srg("fullgrad+", "libra")
+            out.append((name, "Libra FullGrad+ SRG >= every attention method's", ours >= best[0],
+                        f"FullGrad+ {ours:.3f}; best attention: {best[1]} ({best[2]}) "
+                        f"{best[0]:.3f}"))
+    return out
+
+
+def _cell(value: float | None, metric: str) -> str:
+    if value is None or math.isnan(value):
+        return "–"
+    return f"{value:.1e}" if metric == "completeness" else f"{value:.3f}"
+
+
+def markdown(result: dict, meta: dict) -> str:
+    lines = [
+        "# Faithfulness results",
+        "",
+        f"`{meta['command']}` on {meta['images']} single-digit and {meta['images']} two-digit "
+        f"test canvases ({meta['seconds']:.0f} s, {meta['processes']} process(es)). Models: the "
+        "shipped digits models (`libragrad_fx.digits`, trained by `benchmarks/train_digits.py`); "
+        "CLIP is explained as a zero-shot classifier over the ten captions. Every cell is a mean "
+        "over images, as vanilla / LibraGrad.",
+        "",
+        "- **SRG** = LIF − MIF of the target's softmax probability under token removal "
+        "(fractions 0 … 0.9, trapezoid rule; higher is better); **MIF** lower is better, "
+        "**LIF** higher; **SRG acc** the same on accuracy.",
+        "- **completeness**: |Σ map + remainder − f(x)| / |f(x)| (for IG against "
+        "f(x) − f(baseline)); it is meaningful for FullGrad, FullGrad+ and IG.",
+        "- **AP**: average precision of the upsampled map against the digit's mask. "
+        "**discrimination**: on two-digit canvases, the share of positive attribution on the "
+        "queried digit (0.5 = no preference).",
+        "",
+        "## Claims",
+        "",
+        "| model | claim | holds | measured |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {n} | {c} | {'yes' if ok else '**no**'} | {ev} |"
+              for n, c, ok, ev in claims(result)]
+    for name, table in result.items():
+        lines += ["", f"## {name}", "",
+                  "| method | " + " | ".join(METRICS).replace("_", " ") + " |",
+                  "|---|" + "---|" * len(METRICS)]
+        for method, forms in table.items():
+            cells = []
+            for metric in METRICS:
+                pair = [None if forms.get(f) is None else forms[f][metric]
+                        for f in ("vanilla", "libra")]
+                cells.append(f"{_cell(pair[0], metric)} / {_cell(pair[1], metric)}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 8 images, two models, four methods")
+    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--models", nargs="*", default=None, choices=models.NAMES)
+    parser.add_argument("--methods", nargs="*", default=None, choices=METHODS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="markdown output (default docs/results.md; none with --quick)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    shards.init_from_env()
+    rank, size = shards.world()
+    names = args.models or (["vit", "mixer"] if args.quick else list(models.NAMES))
+    methods = args.methods or (["input_x_gradient", "fullgrad", "fullgrad+", "rollout"]
+                               if args.quick else list(METHODS))
+    count = args.images or (8 if args.quick else 200)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    result = run(names, methods, count, args.quick)
+    if rank != 0:
+        return
+    meta = {"command": "python -m benchmarks.faithfulness" + (" --quick" if args.quick else ""),
+            "images": count, "seconds": time.perf_counter() - start, "processes": size}
+    text = markdown(result, meta)
+    print(text)
+    out = args.out or (None if args.quick else ROOT / "docs" / "results.md")
+    if out is not None:
+        out.write_text(text)
+    json_path = args.json or (None if args.quick else ROOT / "docs" / "results.json")
+    if json_path is not None:
+        json_path.write_text(json.dumps({"meta": meta, "results": result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
