@@ -7,6 +7,7 @@ b·∂f/∂b by substituting leaves for the bias arguments instead of reading op
 
 from __future__ import annotations
 
+import copy
 import gc
 import warnings
 import weakref
@@ -269,3 +270,26 @@ def test_the_blocks_can_be_named_and_a_model_without_blocks_is_refused(vit):
     cnn(x)
     with pytest.raises(LibraError, match="no repeated blocks.*blocks='path.to.blocks'"):
         explain(cnn, x, target=1, method="input_x_gradient")
+
+
+class _Flattened(torch.nn.Module):
+    """An MLP run on (B·T, C) rows: the same function, with the batch folded into the rows."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        return self.inner(x.reshape(b * t, c)).reshape(b, t, -1)
+
+
+def test_bias_maps_of_a_batch_folded_into_the_rows(vit):
+    model, x = vit
+    folded = copy.deepcopy(model)
+    for block in folded.blocks:
+        block.mlp = _Flattened(block.mlp).eval()
+    plain = explain(model, x, target=3, method="fullgrad+")
+    flat = explain(folded, x, target=3, method="fullgrad+")
+    assert _relative(flat.total, flat.score).max() < 1e-4
+    torch.testing.assert_close(flat.token_map, plain.token_map, rtol=1e-4, atol=1e-6)

@@ -129,7 +129,7 @@ class Form:
             part = contribution(s, values, grad_of[s.output])
             tokens = layout.to_tokens(s.output, part)
             if tokens is None:
-                rest, tokens = layout.unassigned(part, layout.axes[s.output].batch), None
+                rest = layout.unassigned(s.output, part)
             else:
                 rest = tokens.new_zeros(tokens.shape[0])
             result.site_tokens.append((self.last_block(s), tokens, rest))

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..dataflow import Dataflow
 from ..errors import LibraError
-from ..graph_utils import is_call
+from ..graph_utils import is_call, module_path
 from .structure import Structure
 
 
@@ -42,11 +42,20 @@ class _Shapes(fx.Interpreter):
 @dataclass(frozen=True)
 class Axes:
     """Where a value keeps its batch and its tokens (``tokens``), or its patch grid (``grid``,
-    the first of two consecutive axes). Neither: the value belongs to no token."""
+    the first of two consecutive axes). Neither: the value belongs to no token. A batch folded
+    with another axis, (B·k, ...), has ``fold = k``; the other indices then count the value
+    unfolded to (B, k, ...)."""
 
     batch: int
     tokens: int | None = None
     grid: int | None = None
+    fold: int = 1
+
+    def unfold(self, value: Tensor) -> Tensor:
+        """The value with its batch first (and unfolded)."""
+        if self.fold > 1:
+            value = value.unflatten(self.batch, (-1, self.fold))
+        return value.movedim(self.batch, 0)
 
 
 @dataclass(frozen=True)
@@ -63,8 +72,11 @@ class Layout:
         None when the node has no token axis."""
         ax = self.axes.get(node)
         if ax is None:
-            raise LibraError(f"no batch axis known for {node.name}; pass a batch of samples")
-        value = value.movedim(ax.batch, 0)
+            raise LibraError(f"cannot tell which axis of {node.name} (in "
+                             f"{module_path(node) or '<root>'}) is the batch (no one axis grows "
+                             "with the batch size), so its contribution cannot be put on "
+                             "tokens")
+        value = ax.unfold(value)
         if ax.tokens is not None:
             axis = ax.tokens + (ax.tokens < ax.batch)
             other = [d for d in range(1, value.dim()) if d != axis]
@@ -78,17 +90,20 @@ class Layout:
             return torch.cat([head, patches], dim=1)
         return None
 
-    def unassigned(self, value: Tensor, batch_axis: int) -> Tensor:
-        """A value with no token axis, summed to (B,)."""
-        value = value.movedim(batch_axis, 0)
+    def unassigned(self, node: fx.Node, value: Tensor) -> Tensor:
+        """A value of ``node`` with no token axis, summed to (B,)."""
+        value = self.axes[node].unfold(value)
         return value.reshape(value.shape[0], -1).sum(1)
 
 
-def _batch_axis(one: tuple, two: tuple) -> int | None:
+def _batch_axis(one: tuple, two: tuple) -> tuple[int, int] | None:
+    """(axis, fold): the one axis whose size doubles with the batch, and its size at batch 1."""
     if len(one) != len(two):
         return None
     moved = [i for i, (a, b) in enumerate(zip(one, two, strict=True)) if a != b]
-    return moved[0] if len(moved) == 1 and one[moved[0]] == 1 and two[moved[0]] == 2 else None
+    if len(moved) != 1 or two[moved[0]] != 2 * one[moved[0]]:
+        return None
+    return moved[0], one[moved[0]]
 
 
 def _grid(structure: Structure, flow: Dataflow, batch_axes: dict, shapes: dict,
@@ -98,9 +113,10 @@ def _grid(structure: Structure, flow: Dataflow, batch_axes: dict, shapes: dict,
     before = nx.ancestors(flow.graph, structure.inputs[0])
     order = {n: i for i, n in enumerate(structure.inputs[0].graph.nodes)}
     for node in sorted(before, key=order.get, reverse=True):
-        shape, axis = shapes.get(node), batch_axes.get(node)
-        if shape is None or len(shape) != 4 or axis is None:
+        shape, found = shapes.get(node), batch_axes.get(node)
+        if shape is None or len(shape) != 4 or found is None or found[1] != 1:
             continue
+        axis = found[0]
         rest = [s for i, s in enumerate(shape) if i != axis]
         for gh, gw in ((rest[1], rest[2]), (rest[0], rest[1])):
             if gh * gw <= tokens:
@@ -120,7 +136,7 @@ def _class_token(structure: Structure, flow: Dataflow, axes: dict[fx.Node, Axes]
         if not is_call(node, operator.getitem) or not isinstance(node.args[1], tuple):
             continue
         source = axes.get(node.args[0])
-        if source is None or source.tokens is None:
+        if source is None or source.tokens is None or source.fold > 1:
             continue
         index = node.args[1]
         if len(index) > source.tokens and isinstance(index[source.tokens], int):
@@ -145,7 +161,8 @@ def measure_layout(gm: fx.GraphModule, structure: Structure, x: Tensor) -> Layou
     one, two = runs
     batch_axes = {n: _batch_axis(one.shapes[n], two.shapes[n])
                   for n in one.shapes if n in two.shapes}
-    shape, axis = one.shapes[h0], batch_axes.get(h0)
+    shape, found = one.shapes[h0], batch_axes.get(h0)
+    axis = found[0] if found is not None and found[1] == 1 else None
     if len(shape) != 3 or axis is None:
         raise LibraError(f"the first block's input has shape {shape}; token-level maps need a "
                          "residual stream of shape (batch, tokens, channels)")
@@ -161,14 +178,17 @@ def measure_layout(gm: fx.GraphModule, structure: Structure, x: Tensor) -> Layou
         raise LibraError(f"the first block's input has {len(patches)} tokens that depend on "
                          f"the pixels, which is not the {grid[0]}x{grid[1]} patch grid found")
     axes = {}
-    for node, bax in batch_axes.items():
-        if bax is None:
+    for node, found in batch_axes.items():
+        if found is None:
             continue
-        dims = [i for i in range(len(one.shapes[node])) if i != bax]
+        bax, fold = found
         sizes = one.shapes[node]
+        if fold > 1:
+            sizes = (*sizes[:bax], 1, fold, *sizes[bax + 1:])
+        dims = [i for i in range(len(sizes)) if i != bax]
         tok = next((i for i in dims if sizes[i] == tokens), None)
         grd = next((i for i in dims if i + 1 in dims and (sizes[i], sizes[i + 1]) == grid), None)
-        axes[node] = Axes(bax, tok, None if tok is not None else grd)
+        axes[node] = Axes(bax, tok, None if tok is not None else grd, fold)
     order = tuple(constant + patches)
     cls = _class_token(structure, flow, axes, constant, tokens)
     return Layout(tokens, order, len(constant), grid,
