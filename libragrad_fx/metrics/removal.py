@@ -15,7 +15,6 @@ only the graph's tail after h_0 runs per row, in chunks of ``internal_batch_size
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -23,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from ..attribution import Explainer, Explanation
-from ..attribution.engine import Form
 from ..attribution.targets import Target, resolve
 from ..errors import InputError, TrainingModeError
+from .removers import CannotDrop, Pixels, Stream
 
 FRACTIONS = tuple(i / 10 for i in range(10))  # 0.0, 0.1, ..., 0.9
 MODES = ("auto", "drop", "zero", "pixel")
@@ -137,15 +136,15 @@ def token_removal(model: nn.Module | Explainer, x: Tensor, attribution: Tensor |
         tower = explainer.tower
         if any(m.training for m in tower.modules()):
             raise TrainingModeError("the model is in training mode; call model.eval() first")
-        result = plan.evaluate(_Pixels(tower, x, grid, patches, fill), split=False, desc="pixel")
+        result = plan.evaluate(Pixels(tower, x, grid, patches, fill), split=False, desc="pixel")
         used = "pixel"
     else:
-        stream = _Stream(explainer.any_form(x), x, grid, patches, internal_batch_size)
+        stream = Stream(explainer.any_form(x), x, grid, patches, internal_batch_size)
         result, used = None, mode
         if mode in ("auto", "drop"):
             try:
                 result, used = plan.evaluate(stream.dropping, split=True, desc="drop"), "drop"
-            except _CannotDrop as exc:
+            except CannotDrop as exc:
                 if mode == "drop":
                     raise InputError(f"cannot drop tokens from this model: {exc}") from exc
                 fallback = str(exc)
@@ -187,10 +186,6 @@ def _ranks(scores: Tensor, seed: int) -> Tensor:
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
     return rank
-
-
-class _CannotDrop(Exception):
-    """The graph's tail does not run, or changes its output, on a shortened sequence."""
 
 
 class _Plan:
@@ -266,87 +261,3 @@ def _progress(total: int, desc: str, enabled: bool):
 class _NoBar:
     def update(self, n: int) -> None:
         pass
-
-
-class _Stream:
-    """The first block's input h_0 of every image, and the graph's tail that runs from it."""
-
-    def __init__(self, form: Form, x: Tensor, grid: tuple[int, int] | None, patches: int,
-                 size: int):
-        h0 = form.structure.inputs[0]
-        layout = form.layout(x)
-        axes = layout.axes[h0]
-        self.permute = (axes.batch, axes.tokens, 3 - axes.batch - axes.tokens)
-        self.restore = tuple(torch.tensor(self.permute).argsort().tolist())
-        if grid is not None and tuple(grid) != tuple(layout.grid):
-            raise InputError(f"the map's {grid[0]}x{grid[1]} patches are not the model's "
-                             f"{layout.grid[0]}x{layout.grid[1]} grid")
-        self.positions = torch.tensor(layout.order[layout.prefix:], device=x.device)
-        if len(self.positions) != patches:
-            raise InputError(f"the map has {patches} patches, the model "
-                             f"{layout.grid[0]}x{layout.grid[1]}")
-        self.tokens = layout.tokens
-        full = form.probe((h0,))
-        parts, shape = [], None
-        with torch.no_grad():
-            for lo in range(0, x.shape[0], size):
-                output, values = full(x[lo:lo + size])
-                parts.append(values[h0].permute(self.permute))
-                shape = tuple(output.shape[1:])
-        self.h0, self.shape, self.x = torch.cat(parts), shape, x
-        self.tail = form.probe((), start=h0)
-
-    def _removed(self, gone: Tensor) -> Tensor:
-        """(N, P) patches -> (N, T) model token positions."""
-        mask = gone.new_zeros(gone.shape[0], self.tokens)
-        mask[:, self.positions] = gone
-        return mask
-
-    def zeroing(self, sample: Tensor, gone: Tensor) -> Tensor:
-        stream = self.h0[sample].masked_fill(self._removed(gone)[..., None], 0)
-        return self.tail(self.x[sample], stream.permute(self.restore))[0]
-
-    def dropping(self, sample: Tensor, gone: Tensor) -> Tensor:
-        mask = self._removed(gone)
-        keep = self.tokens - int(mask[0].sum())
-        kept = mask.to(torch.int8).argsort(dim=1, stable=True)[:, :keep]  # in model order
-        stream = self.h0[sample]
-        stream = stream.gather(1, kept[..., None].expand(-1, -1, stream.shape[-1]))
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):  # fx prints the failing line
-                output = self.tail(self.x[sample], stream.permute(self.restore))[0]
-        except Exception as exc:
-            raise _CannotDrop(f"the model fails on {keep} of {self.tokens} tokens: "
-                              f"{str(exc).strip().splitlines()[-1]}") from exc
-        if not isinstance(output, Tensor) or tuple(output.shape[1:]) != self.shape:
-            got = tuple(output.shape[1:]) if isinstance(output, Tensor) else type(output)
-            raise _CannotDrop(f"on {keep} of {self.tokens} tokens the output per sample is "
-                              f"{got}, not {self.shape}")
-        return output
-
-
-class _Pixels:
-    """Removed patches painted with ``fill``, and the whole model rerun."""
-
-    def __init__(self, module: nn.Module, x: Tensor, grid: tuple[int, int] | None,
-                 patches: int, fill: float | Tensor):
-        side = round(patches ** 0.5)
-        if grid is None and side * side == patches:
-            grid = (side, side)
-        if grid is None:
-            raise InputError(f"pixel removal needs the patch grid of the {patches} patches: "
-                             "pass a (B, gh, gw) map or grid=(gh, gw)")
-        self.module, self.x, self.grid = module, x, grid
-        try:
-            self.fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device).expand_as(x)
-        except RuntimeError as exc:
-            raise InputError(f"fill does not broadcast to the images' {tuple(x.shape)}") from exc
-
-    def __call__(self, sample: Tensor, gone: Tensor) -> Tensor:
-        (gh, gw), (height, width) = self.grid, self.x.shape[-2:]
-        ph, pw = height // gh, width // gw
-        patches = gone.reshape(-1, gh, gw).repeat_interleave(ph, 1).repeat_interleave(pw, 2)
-        mask = gone.new_zeros(gone.shape[0], height, width)
-        mask[:, :gh * ph, :gw * pw] = patches
-        images = torch.where(mask[:, None], self.fill[sample], self.x[sample])
-        return self.module(images)
