@@ -272,6 +272,27 @@ def test_the_blocks_can_be_named_and_a_model_without_blocks_is_refused(vit):
         explain(cnn, x, target=1, method="input_x_gradient")
 
 
+def test_torchvision_blocks_named_with_a_stem():
+    """torchvision names its blocks encoder.layers.encoder_layer_0, _1, ...; they are found, and
+    its nn.MultiheadAttention ViT is complete under Libra."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(3)
+    model = _perturbed(VisionTransformer(image_size=64, patch_size=16, num_layers=3, num_heads=2,
+                                         hidden_dim=32, mlp_dim=64, num_classes=10).eval())
+    x = torch.randn(2, 3, 64, 64)
+    libra = explain(model, x, target=3, method="fullgrad+")
+    vanilla = explain(model, x, target=3, method="fullgrad+", libra=False)
+    assert libra.token_map.shape == (2, 17) and libra.prefix == 1
+    assert _relative(libra.total, libra.score).max() < 1e-4
+    assert _relative(vanilla.total, vanilla.score).max() > 1e-2
+    for name in ("encoder.layers", "encoder.layers.encoder_layer_"):
+        named = Explainer(model, blocks=name).explain(x, target=3, method="fullgrad+")
+        torch.testing.assert_close(named.token_map, libra.token_map)
+    rollout = explain(model, x, target=3, method="rollout")
+    assert rollout.token_map.shape == (2, 17)
+
+
 class _Flattened(torch.nn.Module):
     """An MLP run on (B·T, C) rows: the same function, with the batch folded into the rows."""
 

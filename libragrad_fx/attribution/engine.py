@@ -151,7 +151,7 @@ class Form:
             missing = [i for i, a in enumerate(att) if a is None]
             if missing:
                 raise LibraError(
-                    f"block {self.structure.path}.{missing[0]} of {self.name} has no attention "
+                    f"block {self.structure.path}{missing[0]} of {self.name} has no attention "
                     "that attention methods can read (softmax(...) @ V, "
                     "scaled_dot_product_attention or nn.MultiheadAttention); use a gradient "
                     "method such as fullgrad+")

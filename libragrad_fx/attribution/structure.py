@@ -1,8 +1,9 @@
 """Where the residual stream, its blocks and their attention are, read off the graph.
 
-No model names: the blocks are the longest run of sibling modules ``P.0, P.1, ...`` of one
-class that the graph passes through, and a block's input is the one value from outside the
-block that carries gradient into it. ``blocks="P"`` overrides the choice for unusual models.
+No model names: the blocks are the longest run of sibling modules of one class, named by
+consecutive integers from 0 (``P.0, P.1, ...`` as in timm, or ``P.layer_0, P.layer_1, ...`` as in
+torchvision), that the graph passes through; a block's input is the one value from outside the
+block that carries gradient into it. ``blocks="P"`` (or ``"P.layer_"``) overrides the choice.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..errors import LibraError
 from ..graph_utils import arg, is_call, module_path
 from ..rules.base import is_passthrough
 
-_INDEX = re.compile(r"^(.*)\.(\d+)$")
+_NUMBERED = re.compile(r"^(.*?)(\d+)$")  # a child name: a stem, then its index
 _MATMULS = (operator.matmul, torch.matmul, torch.bmm)
 
 
@@ -47,48 +48,63 @@ class AttentionSite:
 class Structure:
     """The static plan for one graph: block inputs, the last block's output, attention."""
 
-    path: str
+    path: str  # block i is the module path + str(i)
     inputs: tuple[fx.Node, ...]  # h_0 ... h_{L-1}
     output: fx.Node  # the residual stream after the last block
     attention: tuple[AttentionSite | None, ...]  # one per block, None where there is none
 
 
 def _block_paths(gm: fx.GraphModule, model: nn.Module) -> dict[str, list[int]]:
-    """Every ``P -> [indices]`` such that nodes were traced inside ``P.i``."""
+    """Every run ``prefix -> [0, 1, ...]`` such that nodes were traced inside ``prefix + "i"``.
+
+    A prefix is a parent path and a child-name stem: ``"blocks."`` for ``blocks.0``,
+    ``"encoder.layers.encoder_layer_"`` for ``encoder.layers.encoder_layer_0``.
+    """
     found: dict[str, set[int]] = defaultdict(set)
     for node in gm.graph.nodes:
         path = module_path(node)
         parts = path.split(".") if path else []
-        for end in range(1, len(parts)):
-            if parts[end].isdigit():
-                found[".".join(parts[:end])].add(int(parts[end]))
+        for end in range(len(parts)):
+            match = _NUMBERED.match(parts[end])
+            if match is not None:
+                parent = "".join(f"{p}." for p in parts[:end])
+                found[parent + match.group(1)].add(int(match.group(2)))
     runs = {}
-    for parent, indices in found.items():
+    for prefix, indices in found.items():
         run = sorted(indices)
         if run != list(range(len(run))) or len(run) < 2:
             continue
         try:
-            kinds = {type(model.get_submodule(f"{parent}.{i}")) for i in run}
+            kinds = {type(model.get_submodule(f"{prefix}{i}")) for i in run}
         except AttributeError:
             continue
         if len(kinds) == 1:
-            runs[parent] = run
+            runs[prefix] = run
     return runs
 
 
+def _shown(prefix: str) -> str:
+    """How a run is named to the user: ``P`` for ``P.0, P.1, ...``, else the prefix itself."""
+    return prefix[:-1] if prefix.endswith(".") else prefix
+
+
 def find_blocks(gm: fx.GraphModule, model: nn.Module, override: str | None = None) -> str:
-    """The module path ``P`` of the repeated blocks ``P.0 ... P.{L-1}``."""
+    """The prefix of the repeated blocks: block ``i`` is the module ``prefix + str(i)``."""
     runs = _block_paths(gm, model)
     if override is not None:
-        if override not in runs:
-            known = ", ".join(sorted(runs)) or "none"
+        matches = [p for p in runs if override in (p, _shown(p))]
+        if not matches:  # a parent whose children have one numbered stem
+            matches = [p for p in runs if p.rsplit(".", 1)[0] == override and "." in p]
+        if len(matches) != 1:
+            known = ", ".join(sorted(_shown(p) for p in runs)) or "none"
             raise LibraError(f"blocks={override!r} is not a run of sibling blocks the graph "
                              f"passes through; the runs found are: {known}")
-        return override
+        return matches[0]
     if not runs:
         raise LibraError(
-            f"{type(model).__name__} has no repeated blocks (modules P.0, P.1, ... of one "
-            "class) for explain to read its tokens from; pass blocks='path.to.blocks'")
+            f"{type(model).__name__} has no repeated blocks (sibling modules of one class named "
+            "P.0, P.1, ... or P.layer_0, P.layer_1, ...) for explain to read its tokens from; "
+            "pass blocks='path.to.blocks'")
     return max(runs, key=lambda p: (len(runs[p]), -p.count(".")))
 
 
@@ -143,16 +159,16 @@ def structure(gm: fx.GraphModule, model: nn.Module, blocks: str | None = None) -
     members: list[list[fx.Node]] = [[] for _ in range(count)]
     for node in gm.graph.nodes:
         for i in range(count):
-            if _inside(node, f"{path}.{i}"):
+            if _inside(node, f"{path}{i}"):
                 members[i].append(node)
                 break
     first = next(n for n in gm.graph.nodes if n.op == "placeholder")
     image = nx.descendants(flow.graph, first) | {first}  # flags such as is_causal are not
-    inputs = tuple(_block_input(m, image, f"{path}.{i}") for i, m in enumerate(members))
+    inputs = tuple(_block_input(m, image, f"{path}{i}") for i, m in enumerate(members))
     last = set(members[-1])
     leaving = [n for n in members[-1] if n in image and any(u not in last for u in n.users)]
     if len(leaving) != 1:
-        raise LibraError(f"the last block {path}.{count - 1} should hand one value to what "
+        raise LibraError(f"the last block {path}{count - 1} should hand one value to what "
                          f"follows; it hands {len(leaving)}")
     attention = tuple(_attention(m, flow) for m in members)
     return Structure(path, inputs, leaving[0], attention)
