@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -17,9 +19,11 @@ from libragrad_fx.digits import (
     tokenize_captions,
 )
 from libragrad_fx.digits.data import DIGIT_SIZE, _digits
+from libragrad_fx.digits.models import WEIGHTS_DIR, class_logits, weights_path
 from libragrad_fx.errors import LibraError
 
 # The bars the shipped weights must clear on 500 seeded test canvases (benchmarks/train_digits).
+BARS = {"vit": 0.95, "mixer": 0.95, "eva": 0.95, "clip": 0.90}
 
 
 # ---------------------------------------------------------------- data
@@ -147,6 +151,32 @@ def test_save_load_round_trip_keeps_clip_file_small(tmp_path, monkeypatch):
     assert torch.equal(model.token_embedding.weight[100], again.token_embedding.weight[100])
 
 
+# ---------------------------------------------------------------- shipped weights
+
+
+@pytest.fixture(scope="module")
+def test_canvases():
+    return make_digits("test", 500, seed=123)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_model_reaches_its_bar(name, test_canvases):
+    torch.manual_seed(0)
+    assert weights_path(name).is_file(), "run `python -m benchmarks.train_digits`"
+    model = load(name)
+    assert not model.training
+    acc = (class_logits(model, test_canvases.images).argmax(1) == test_canvases.labels)
+    assert acc.float().mean().item() >= BARS[name]
+
+
+def test_metrics_file_lists_every_model():
+    metrics = json.loads((WEIGHTS_DIR / "metrics.json").read_text())
+    assert set(metrics) == set(NAMES)
+    for name, row in metrics.items():
+        assert row["test_accuracy"] >= BARS[name]
+    assert metrics["clip"]["zero_shot_accuracy"] >= BARS["clip"]
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -161,3 +191,25 @@ def test_quick_training_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(f"{name}: test accuracy" in out for name in NAMES)
     assert not list(tmp_path.iterdir())  # --quick writes nothing
+
+
+def test_training_warp_moves_a_digit_about_its_centre():
+    """The warp reshapes each digit where it stands: its centre of mass stays within a pixel or
+    two, its ink is neither lost nor doubled, and the canvas changes."""
+    from benchmarks.train_digits import augment
+
+    batch = make_digits("train", 32, seed=4)
+    warped = augment(batch.images, batch.masks, torch.Generator().manual_seed(0))
+    assert warped.shape == batch.images.shape
+    assert not torch.allclose(warped, batch.images)
+
+    def centre(images: torch.Tensor) -> torch.Tensor:
+        grey = images[:, 0]
+        axis = torch.arange(grey.shape[-1], dtype=torch.float32)
+        mass = grey.sum((1, 2))
+        rows, cols = (grey.sum(2) * axis).sum(1), (grey.sum(1) * axis).sum(1)
+        return torch.stack([rows, cols], 1) / mass[:, None]
+
+    assert (centre(warped) - centre(batch.images)).norm(dim=1).max() < 2.5
+    ratio = warped.sum((1, 2, 3)) / batch.images.sum((1, 2, 3))
+    assert ratio.min() > 0.6 and ratio.max() < 1.6
