@@ -52,7 +52,12 @@ class _GatedGelu(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
-        return grad * gelu_gate(x, ctx.approximate), None
+        if ctx.approximate == "tanh":
+            return grad * gelu_gate(x, "tanh"), None
+        # Phi(x) = erfc(-x/sqrt 2) / 2, in place: one new tensor and four passes where the
+        # textbook formula makes five of each, so the gate's backward costs about GELU's own.
+        gate = x.mul(-1.0 / math.sqrt(2.0)).erfc_()
+        return gate.mul_(grad).mul_(0.5), None
 
 
 class _GatedSilu(torch.autograd.Function):
@@ -65,7 +70,7 @@ class _GatedSilu(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
-        return grad * torch.sigmoid(x)
+        return torch.sigmoid(x).mul_(grad)
 
 
 def libra_gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -109,22 +114,26 @@ def libra_glu(x: Tensor, dim: int = -1) -> Tensor:
 class _ConstStatLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, bias, eps):
-        ctx.save_for_backward(x, weight)
-        ctx.ndim, ctx.eps, ctx.has_bias = len(normalized_shape), eps, bias is not None
-        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+        # native_layer_norm is what F.layer_norm runs, and it also returns the statistics the
+        # backward needs, so they are not computed twice.
+        y, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.ndim = len(normalized_shape)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
+        x, weight, mean, rstd = ctx.saved_tensors
         dims, lead = _reduce_dims(x, ctx.ndim)
-        centred = x - x.mean(dims, keepdim=True)
-        rstd = torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + ctx.eps)
         g = grad if weight is None else grad * weight
         # The mean-centring stays differentiable; only 1/sigma is a constant.
-        dx = (g - g.mean(dims, keepdim=True)) * rstd
-        dw = (grad * centred * rstd).sum(lead) if weight is not None else None
-        db = grad.sum(lead) if ctx.has_bias else None
+        dx = (g - g.mean(dims, keepdim=True)).mul_(rstd).to(grad.dtype)
+        dw = db = None
+        if weight is not None and ctx.needs_input_grad[2]:
+            dw = (grad * (x - mean).mul_(rstd)).sum(lead).to(weight.dtype)
+        if ctx.needs_input_grad[3]:
+            db = grad.sum(lead)
         return dx, None, dw, db, None
 
 
