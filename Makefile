@@ -18,9 +18,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/libragrad-fx report vit_tiny_patch16_224
-	$(BIN)/libragrad-fx report open_clip:ViT-B-32
-	$(BIN)/libragrad-fx report mixer_s16_224
+	$(BIN)/libragrad-fx demo
 
 golden: setup
 	$(BIN)/python -m tests.golden

@@ -1,40 +1,147 @@
-"""Load a model from a name given on the command line: timm, open_clip, or the user's own code.
+"""Load a model named on the command line, with its weights and the input it expects.
 
-Names come from the user; this module only knows how each library is asked for a model.
+Names come from the user: ``digits:NAME`` (the shipped digits models), a timm name,
+``open_clip:NAME`` or ``module:attr``. This module and the digits package are the only places
+that know how each library is asked for a model; the compiler and the attribution code do not.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from .checkpoints import load_checkpoint
 from .errors import LibraError
+from .hub import pretrained_weights
+from .inputs import Preprocessing
+
+Pretrained = bool | str | None  # None/False: random weights; True: default tag; str: that tag
 
 
-def load_model(spec: str) -> nn.Module:
-    """``NAME`` or ``timm:NAME`` (timm), ``open_clip:NAME`` (its image tower), ``module:attr``.
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model in eval mode, what it was called, how to turn an image into its input, and
+    (for CLIP models) the tokenizer its prompts need."""
 
-    Weights are random: the report depends on the architecture only. ``module:attr`` may name
-    a module instance or a callable that returns one.
-    """
+    model: nn.Module
+    name: str
+    preprocessing: Preprocessing
+    tokenizer: Callable | None = None
+
+    @property
+    def has_text(self) -> bool:
+        """A CLIP model: it takes prompts (``--text``) rather than class indices."""
+        return callable(getattr(self.model, "encode_text", None))
+
+    @property
+    def image_tower(self) -> nn.Module:
+        """What the rewrite report is about: a CLIP model's image tower, else the model."""
+        return getattr(self.model, "visual", self.model) if self.has_text else self.model
+
+
+def load(spec: str, *, checkpoint: str | Path | None = None,
+         pretrained: Pretrained = None) -> LoadedModel:
+    """The model ``spec`` names: ``digits:NAME`` (shipped weights), ``NAME`` or ``timm:NAME``,
+    ``open_clip:NAME`` (image and text towers) or ``module:attr`` (a module or a callable
+    returning one). Weights are random unless ``checkpoint`` (a state_dict file) or
+    ``pretrained`` (timm's or open_clip's own loading; a tag picks one) say otherwise."""
+    if checkpoint is not None and pretrained:
+        raise LibraError("give either a checkpoint or --pretrained, not both")
     prefix, _, name = spec.rpartition(":")
-    if prefix in ("", "timm"):
-        import timm
+    if prefix == "digits":
+        loaded = _digits(name, pretrained, checkpoint is None)
+    elif prefix in ("", "timm"):
+        loaded = _timm(name, pretrained)
+    elif prefix == "open_clip":
+        loaded = _open_clip(name, pretrained)
+    else:
+        loaded = _user(spec, prefix, name, pretrained)
+    if checkpoint is not None:
+        load_checkpoint(loaded.model, checkpoint, spec)
+    return loaded
 
-        if name not in timm.list_models():
-            raise LibraError(
-                f"unknown timm model {name!r}; `python -c \"import timm; "
-                f"print(timm.list_models('*{name[:6]}*'))\"` lists similar names")
-        return timm.create_model(name, pretrained=False).eval()
-    if prefix == "open_clip":
-        import open_clip
 
-        if name not in open_clip.list_models():
-            raise LibraError(
-                f"unknown open_clip model {name!r}; open_clip.list_models() lists them")
-        return open_clip.create_model(name, pretrained=None).visual.eval()
+def load_model(spec: str, *, checkpoint: str | Path | None = None,
+               pretrained: Pretrained = None) -> nn.Module:
+    """The model the report describes (a CLIP model's image tower); see :func:`load`."""
+    return load(spec, checkpoint=checkpoint, pretrained=pretrained).image_tower
+
+
+def _digits(name: str, pretrained: Pretrained, shipped: bool) -> LoadedModel:
+    from .digits import models as digits
+
+    if isinstance(pretrained, str):
+        raise LibraError(f"digits:{name} has one set of weights, the shipped one; drop the tag")
+    model = digits.load(name) if shipped else digits.build(name)
+    size = (digits.IMG_SIZE, digits.IMG_SIZE)
+    return LoadedModel(model, f"digits:{name}", Preprocessing(size=size, grey=True))
+
+
+def _timm(name: str, pretrained: Pretrained) -> LoadedModel:
+    import timm
+    from timm.data import resolve_data_config
+
+    if name not in timm.list_models():
+        raise LibraError(
+            f"unknown timm model {name!r}; `python -c \"import timm; "
+            f"print(timm.list_models('*{name[:6]}*'))\"` lists similar names")
+    if pretrained:
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{name}.*")]
+        tag = _tag(pretrained, tags, f"timm has no pretrained weights for {name}")
+        full = name if tag is None else f"{name}.{tag}"  # None: timm's default tag
+        with pretrained_weights(full):
+            model = timm.create_model(full, pretrained=True)
+    else:
+        model = timm.create_model(name, pretrained=False)
+    config = resolve_data_config({}, model=model)
+    prep = Preprocessing(size=tuple(config["input_size"][1:]), mean=tuple(config["mean"]),
+                         std=tuple(config["std"]), interpolation=config["interpolation"])
+    return LoadedModel(model.eval(), name, prep)
+
+
+def _open_clip(name: str, pretrained: Pretrained) -> LoadedModel:
+    import open_clip
+
+    if name not in open_clip.list_models():
+        raise LibraError(
+            f"unknown open_clip model {name!r}; open_clip.list_models() lists them")
+    tag = None
+    if pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        tag = _tag(pretrained, tags, f"open_clip has no pretrained weights for {name}")
+        tag = tags[0] if tag is None else tag  # the first listed is the canonical one
+        with pretrained_weights(f"{name} ({tag})"):
+            model = open_clip.create_model(name, pretrained=tag)
+    else:
+        model = open_clip.create_model(name, pretrained=None)
+    config = open_clip.get_model_preprocess_cfg(model)
+    prep = Preprocessing(size=tuple(config["size"]), mean=tuple(config["mean"]),
+                         std=tuple(config["std"]), interpolation=config["interpolation"])
+    return LoadedModel(model.eval(), f"open_clip:{name}", prep, open_clip.get_tokenizer(name))
+
+
+def _tag(pretrained: Pretrained, tags: list[str], none: str) -> str | None:
+    """The tag asked for, checked against the library's list (None: the library's default)."""
+    if not tags:
+        raise LibraError(f"{none}; pass --checkpoint FILE (a state_dict in .pt, .pth or "
+                         ".safetensors)")
+    if pretrained is True:
+        return None
+    if pretrained not in tags:
+        raise LibraError(f"unknown pretrained tag {pretrained!r}; the tags are: "
+                         f"{', '.join(tags)}")
+    return pretrained
+
+
+def _user(spec: str, prefix: str, name: str, pretrained: Pretrained) -> LoadedModel:
+    if pretrained:
+        raise LibraError(f"--pretrained serves timm and open_clip names; for {spec!r} pass "
+                         "--checkpoint FILE (a state_dict in .pt, .pth or .safetensors)")
     try:
         obj = getattr(importlib.import_module(prefix), name)
     except (ImportError, AttributeError) as exc:
@@ -42,7 +149,9 @@ def load_model(spec: str) -> nn.Module:
     model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
     if not isinstance(model, nn.Module):
         raise LibraError(f"{spec!r} is a {type(model).__name__}, not a torch.nn.Module")
-    return model.eval()
+    x = example_input(model)
+    prep = Preprocessing(size=None if x is None else tuple(x.shape[-2:]))
+    return LoadedModel(model.eval(), spec, prep)
 
 
 def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor | None:
