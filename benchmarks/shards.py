@@ -18,9 +18,18 @@ def init_from_env() -> bool:
     """Join the process group torchrun describes; False for a plain single-process run."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return dist.is_initialized()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    if torch.cuda.is_available():  # nccl gathers through each rank's own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return True
+
+
+def device() -> torch.device:
+    """Where this process computes: its GPU under nccl (or a plain run on a GPU machine),
+    else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def world() -> tuple[int, int]:
