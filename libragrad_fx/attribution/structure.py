@@ -88,8 +88,10 @@ def _shown(prefix: str) -> str:
     return prefix[:-1] if prefix.endswith(".") else prefix
 
 
-def find_blocks(gm: fx.GraphModule, model: nn.Module, override: str | None = None) -> str:
-    """The prefix of the repeated blocks: block ``i`` is the module ``prefix + str(i)``."""
+def find_blocks(gm: fx.GraphModule, model: nn.Module,
+                override: str | None = None) -> tuple[str, int]:
+    """The prefix of the repeated blocks (block ``i`` is the module ``prefix + str(i)``) and
+    how many there are."""
     runs = _block_paths(gm, model)
     if override is not None:
         matches = [p for p in runs if override in (p, _shown(p))]
@@ -99,13 +101,14 @@ def find_blocks(gm: fx.GraphModule, model: nn.Module, override: str | None = Non
             known = ", ".join(sorted(_shown(p) for p in runs)) or "none"
             raise LibraError(f"blocks={override!r} is not a run of sibling blocks the graph "
                              f"passes through; the runs found are: {known}")
-        return matches[0]
+        return matches[0], len(runs[matches[0]])
     if not runs:
         raise LibraError(
             f"{type(model).__name__} has no repeated blocks (sibling modules of one class named "
             "P.0, P.1, ... or P.layer_0, P.layer_1, ...) for explain to read its tokens from; "
             "pass blocks='path.to.blocks'")
-    return max(runs, key=lambda p: (len(runs[p]), -p.count(".")))
+    prefix = max(runs, key=lambda p: (len(runs[p]), -p.count(".")))
+    return prefix, len(runs[prefix])
 
 
 def _inside(node: fx.Node, prefix: str) -> bool:
@@ -154,8 +157,7 @@ def _attention(nodes: list[fx.Node], flow: Dataflow) -> AttentionSite | None:
 def structure(gm: fx.GraphModule, model: nn.Module, blocks: str | None = None) -> Structure:
     """The residual stream of ``gm``: its block inputs, final value and attention sites."""
     flow = Dataflow.of(gm)
-    path = find_blocks(gm, model, blocks)
-    count = len(_block_paths(gm, model)[path])
+    path, count = find_blocks(gm, model, blocks)
     members: list[list[fx.Node]] = [[] for _ in range(count)]
     for node in gm.graph.nodes:
         for i in range(count):

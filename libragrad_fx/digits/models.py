@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints import load_checkpoint
 from ..errors import LibraError
 
 __all__ = ["CAPTIONS", "NAMES", "WEIGHTS_DIR", "WeightsNotFoundError", "build", "class_logits",
@@ -98,21 +99,13 @@ def weights_path(name: str) -> Path:
 
 def load(name: str) -> nn.Module:
     """Model ``name`` with the shipped weights (stored in float16, loaded as float32), in eval."""
-    from safetensors.torch import load_file
-
     path = weights_path(name)
     if not path.is_file():
         raise WeightsNotFoundError(
             f"no trained weights for digits model {name!r} at {path}; "
             "train them with `python -m benchmarks.train_digits`")
     model = build(name)
-    stored = load_file(str(path))
-    state = {k: v.float() for k, v in stored.items() if not k.startswith(_TOKENS + ".")}
-    if _TOKENS + ".rows" in stored:
-        tokens = model.state_dict()[_TOKENS].clone()  # the seeded initialisation
-        tokens[stored[_TOKENS + ".rows"]] = stored[_TOKENS + ".values"].float()
-        state[_TOKENS] = tokens
-    model.load_state_dict(state, strict=True)
+    load_checkpoint(model, path, f"digits model {name!r}")  # expands the token rows too
     return model.eval()
 
 
