@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import mha, ops
+from . import mha, ops, sdpa
 from .dataflow import Dataflow, gradient_inputs
 from .graph_utils import arg, module_path, target_name
 
@@ -97,6 +97,7 @@ _SUM_SLOTS: dict[Any, Callable[[fx.Node], list[Path]]] = {
 # Ops whose own value is a product of their first operands, plus bias arguments added to it.
 BIAS_SLOTS: dict[Any, Callable[[fx.Node], list[Path]]] = {
     F.linear: _products_then((2, "bias")),
+    sdpa.cut_linear: _products_then((2, "bias")),
     F.conv1d: _products_then((2, "bias")),
     F.conv2d: _products_then((2, "bias")),
     F.conv3d: _products_then((2, "bias")),
@@ -377,6 +378,7 @@ _SPECIAL: dict[Any, Callable[[fx.Node, _Degrees], Any]] = {
     operator.pow: _scaled(None), torch.pow: _scaled(None),
     torch.clamp: _clamp, torch.clamp_min: _clamp, F.pad: _pad,
     F.linear: _with_bias(_product_of((0, "input"), (1, "weight"))),
+    sdpa.cut_linear: _with_bias(_product_of((0, "input"), (1, "weight"))),
     F.conv1d: _with_bias(_product_of((0, "input"), (1, "weight"))),
     F.conv2d: _with_bias(_product_of((0, "input"), (1, "weight"))),
     F.conv3d: _with_bias(_product_of((0, "input"), (1, "weight"))),
@@ -388,6 +390,7 @@ _SPECIAL: dict[Any, Callable[[fx.Node, _Degrees], Any]] = {
     torch.var_mean: _var_mean,
     F.batch_norm: _batch_norm,
     F.scaled_dot_product_attention: _sdpa,
+    sdpa.libra_scaled_dot_product_attention: _sdpa,
     mha.multihead_attention: _mha,
     mha.libra_multihead_attention: _mha,
     torch.masked_fill: _masked_fill,

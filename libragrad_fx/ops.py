@@ -117,23 +117,28 @@ class _ConstStatLayerNorm(torch.autograd.Function):
         # native_layer_norm is what F.layer_norm runs, and it also returns the statistics the
         # backward needs, so they are not computed twice.
         y, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.ndim = len(normalized_shape)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight, mean, rstd = ctx.saved_tensors
-        dims, lead = _reduce_dims(x, ctx.ndim)
-        g = grad if weight is None else grad * weight
-        # The mean-centring stays differentiable; only 1/sigma is a constant.
-        dx = (g - g.mean(dims, keepdim=True)).mul_(rstd).to(grad.dtype)
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        shape = x.shape[x.dim() - ctx.ndim:]
+        # The native backward is rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = grad * w.
+        # Given x_hat = 0 (input and mean zero), it is exactly the constant-sigma backward
+        # rstd * (g - mean(g)), in the same fused kernel: the mean-centring stays
+        # differentiable, only 1/sigma is a constant.
+        dx = torch.ops.aten.native_layer_norm_backward(
+            grad, torch.zeros_like(x), shape, torch.zeros_like(mean), rstd, weight, None,
+            [True, False, False])[0]
         dw = db = None
-        if weight is not None and ctx.needs_input_grad[2]:
-            dw = (grad * (x - mean).mul_(rstd)).sum(lead).to(weight.dtype)
-        if ctx.needs_input_grad[3]:
-            db = grad.sum(lead)
+        want_w = weight is not None and ctx.needs_input_grad[2]
+        if want_w or ctx.needs_input_grad[3]:  # these see the true x_hat
+            _, dw, db = torch.ops.aten.native_layer_norm_backward(
+                grad, x, shape, mean, rstd, weight, bias,
+                [False, want_w, ctx.needs_input_grad[3]])
         return dx, None, dw, db, None
 
 
@@ -152,7 +157,9 @@ class _ConstStatRmsNorm(torch.autograd.Function):
         dims, lead = _reduce_dims(x, ctx.ndim)
         rrms = torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + ctx.eps)
         g = grad if weight is None else grad * weight
-        dw = (grad * x * rrms).sum(lead) if weight is not None else None
+        dw = None
+        if weight is not None and ctx.needs_input_grad[2]:
+            dw = (grad * x * rrms).sum(lead)
         return g * rrms, None, dw, None
 
 
@@ -178,9 +185,9 @@ class _ConstStatGroupNorm(torch.autograd.Function):
         # As in layer norm: the mean-centring (per group) differentiable, 1/sigma a constant.
         dx = ((g - g.mean(-1, keepdim=True)) * rstd).reshape(x.shape)
         dw = None
-        if weight is not None:
+        if weight is not None and ctx.needs_input_grad[2]:
             dw = (grad * (centred * rstd).reshape(x.shape)).sum(lead)
-        db = grad.sum(lead) if ctx.has_bias else None
+        db = grad.sum(lead) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return dx, None, dw, db, None
 
 

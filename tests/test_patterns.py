@@ -524,7 +524,8 @@ def test_relative_position_bias(form, masked):
     model = build(Sandwich(RelPosAttention(form, masked)))
     gm = assert_three_ways(model, tokens(), model.reference, counts(attention=1), additive(model))
     (rewrite,) = gm.libra_report.rewrites
-    assert rewrite.action == ("q, k detached; fused kernel kept" if form == "sdpa"
+    assert rewrite.action == ("q, k detached; fused forward, backward dV = A^T dO; "
+                              "linear_1 skips q, k rows" if form == "sdpa"
                               else "softmax probabilities constant")
     if form != "sdpa":  # the table lives inside the constant softmax: no gradient
         table = model.block.relative_position_bias_table

@@ -8,13 +8,12 @@ gradient A receives.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..sdpa import attention_probabilities
 from .structure import AttentionSite, sdpa_arguments
 
 
@@ -22,24 +21,6 @@ def reads(site: AttentionSite) -> tuple[fx.Node, ...]:
     """The nodes whose values the site needs (besides the gradient at ``site.output``)."""
     nodes = (*site.node.all_input_nodes, site.output)
     return nodes if site.probs is None else (*nodes, site.probs)
-
-
-def _additive(mask: Tensor | None, like: Tensor) -> Tensor | None:
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros_like(mask, dtype=like.dtype).masked_fill(~mask, float("-inf"))
-
-
-def _softmax(q: Tensor, k: Tensor, scale: float, mask: Tensor | None,
-             causal: bool = False) -> Tensor:
-    logits = (q @ k.transpose(-2, -1)) * scale
-    if causal:
-        t, s = logits.shape[-2:]
-        allowed = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    if mask is not None:
-        logits = logits + mask
-    return logits.softmax(-1)
 
 
 def _value(arg_, values: dict):
@@ -63,8 +44,8 @@ def _sdpa(site: AttentionSite, values: dict, grad: Tensor) -> tuple[Tensor, Tens
     if k.shape[-3:-2] != q.shape[-3:-2] and k.dim() >= 3 and call.get("enable_gqa"):
         repeat = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(repeat, -3), v.repeat_interleave(repeat, -3)
-    scale = call["scale"] if call["scale"] is not None else 1 / math.sqrt(q.shape[-1])
-    probs = _softmax(q, k, scale, _additive(call["attn_mask"], q), bool(call["is_causal"]))
+    probs = attention_probabilities(q, k, call["attn_mask"], bool(call["is_causal"]),
+                                    call["scale"])
     return probs, grad @ v.transpose(-2, -1)
 
 
@@ -88,11 +69,11 @@ def _mha(site: AttentionSite, values: dict, grad: Tensor) -> tuple[Tensor, Tenso
         return t.unflatten(-1, (heads, -1)).transpose(1, 2)
 
     q, k, v = split(q), split(k), split(v)
-    mask = _additive(_value(node.kwargs.get("attn_mask"), values), q)
+    mask = _value(node.kwargs.get("attn_mask"), values)
     if mask is not None and mask.dim() == 3:
         mask = mask.unflatten(0, (q.shape[0], heads))
     causal = bool(node.kwargs.get("is_causal", False)) and mask is None
-    probs = _softmax(q, k, 1 / math.sqrt(q.shape[-1]), mask, causal)
+    probs = attention_probabilities(q, k, mask, causal, None)
     grad_heads = split(grad @ w_out)
     return probs, grad_heads @ v.transpose(-2, -1)
 

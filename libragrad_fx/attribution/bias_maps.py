@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .. import mha, ops
+from .. import mha, ops, sdpa
 from ..bias import BiasSite
 from ..graph_utils import is_call
 
 _CONVS = (F.conv1d, F.conv2d, F.conv3d)
 _CHANNEL_FIRST = (*_CONVS, F.group_norm, ops.libra_group_norm, F.batch_norm)
-_TRAILING = (F.linear, F.layer_norm, ops.libra_layer_norm)
+_TRAILING = (F.linear, sdpa.cut_linear, F.layer_norm, ops.libra_layer_norm)
 _CATS = (torch.cat, torch.concat)
 
 
@@ -71,14 +71,21 @@ def _along(b: Tensor, dim: int, ndim: int) -> Tensor:
     return b.reshape([-1 if d == dim else 1 for d in range(ndim)])
 
 
-def contribution(probe: SiteProbe, values: dict, grad: Tensor) -> Tensor:
-    """E ⊙ ∂f/∂y for one site: shaped like y, summing to b · ∂f/∂b."""
+def contribution(probe: SiteProbe, values: dict, grad: Tensor, sum_last: bool = False) -> Tensor:
+    """E ⊙ ∂f/∂y for one site: shaped like y, summing to b · ∂f/∂b.
+
+    ``sum_last`` is the caller's word that y's last axis holds channels only: a bias along it
+    then comes summed over it (size 1), a matrix-vector product instead of a product the size
+    of y that would be summed next.
+    """
     node, path = probe.node, probe.site.path
     b = _argument(node, path, values).detach()
     grad = grad.detach()
     target = node.target
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
     if target in _TRAILING or name == "add":
+        if sum_last and b.dim() == 1 and grad.dim() > 1 and b.shape[0] == grad.shape[-1]:
+            return (grad @ b.to(grad.dtype)).unsqueeze(-1)
         return grad * b
     if name == "sub":
         return grad * b if path[0] == 0 else -grad * b

@@ -117,16 +117,20 @@ class Form:
         with torch.enable_grad():
             output, values = self.probe(tuple(taps))(x)
             score = target.score(output, self.libra)
-            tensors = [values[n] for n in wanted] + [x]
+            # df/dx only when asked for: a token-level method then skips the embedding's backward
+            with_x = needs.input_grad or not wanted
+            tensors = [values[n] for n in wanted] + ([x] if with_x else [])
             grads = _gradients(score, tensors)
-        grad_of = dict(zip(wanted, grads[:-1], strict=True))
+        grad_of = dict(zip(wanted, grads[:len(wanted)], strict=True))
         result = Pass(score.detach(), input_grad=grads[-1] if needs.input_grad else None)
         for i in blocks:
             node = st.inputs[i]
             result.h[i] = _tokens_last(layout, node, values[node].detach())
             result.g[i] = _tokens_last(layout, node, grad_of[node])
         for s in sites:
-            part = contribution(s, values, grad_of[s.output])
+            axes = layout.axes.get(s.output)
+            grad = grad_of[s.output]
+            part = contribution(s, values, grad, axes is not None and axes.spare_last(grad.dim()))
             tokens = layout.to_tokens(s.output, part)
             if tokens is None:
                 rest = layout.unassigned(s.output, part)
@@ -135,9 +139,8 @@ class Form:
             result.site_tokens.append((self.last_block(s), tokens, rest))
         for a in att:
             probs, grad = attn.probabilities(a, values, grad_of[a.output])
-            order = list(layout.order)
-            result.attention.append((probs[..., order, :][..., order],
-                                     grad[..., order, :][..., order]))
+            result.attention.append(tuple(layout.reorder(layout.reorder(t, -2), -1)
+                                          for t in (probs, grad)))
         if needs.stream_out:
             result.stream_out = _tokens_last(layout, st.output, values[st.output].detach())
         return result
@@ -172,4 +175,4 @@ def _tokens_last(layout: Layout, node: fx.Node, value: Tensor) -> Tensor:
     axes = layout.axes[node]
     value = value.movedim(axes.batch, 0)
     token = axes.tokens + (axes.tokens < axes.batch)
-    return value.movedim(token, 1)[:, list(layout.order)]
+    return layout.reorder(value.movedim(token, 1))

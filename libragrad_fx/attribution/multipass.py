@@ -90,7 +90,7 @@ def integrated_gradients(form: Form, x: Tensor, goal: Target, level: str,
     if level == "token":
         axes = layout.axes[h0]
         token_axis = axes.tokens + (axes.tokens < axes.batch)
-        tokens = attribution.movedim(token_axis, 1).sum(-1)[:, list(layout.order)]
+        tokens = layout.reorder(attribution.movedim(token_axis, 1).sum(-1))
         return finish(form, x, tokens, zero, score, "integrated_gradients", level,
                        baseline=baseline_score)
     pixels = attribution.sum(1)

@@ -9,12 +9,20 @@ graph's own.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any
 
+import torch
 import torch.fx as fx
-from torch import Tensor
+from torch import Tensor, nn
 
+from .. import ops, sdpa
 from ..errors import InputError, LibraError
+from ..graph_utils import is_call
+
+# Custom backwards that compute parameter gradients only when the parameters require grad.
+_OWN_BACKWARD = (ops.libra_layer_norm, ops.libra_rms_norm, ops.libra_group_norm,
+                 sdpa.cut_linear)
 
 
 class Probe:
@@ -29,6 +37,7 @@ class Probe:
         graph = fx.Graph()
         mapping: dict[fx.Node, fx.Node] = {}
         output = graph.graph_copy(gm.graph, mapping)
+        _parameters_as_constants(gm, graph)
         self.taps = tuple(dict.fromkeys(taps))
         graph.output((output, tuple(mapping[t] for t in self.taps)))
         if start is not None:
@@ -50,3 +59,19 @@ class Probe:
             raise InputError(f"the model could not run on input(s) of shape {shapes}: "
                              f"{str(exc).strip().splitlines()[-1]}") from exc
         return output, dict(zip(self.taps, values, strict=True))
+
+
+def _parameters_as_constants(gm: fx.GraphModule, graph: fx.Graph) -> None:
+    """Hand our custom backwards their parameters through ``detach``. Methods take gradients with
+    respect to activations only; native kernels then skip the weight gradient by themselves,
+    but a custom backward cannot tell that nobody asks for it. Other ops keep the parameters
+    themselves (``nn.MultiheadAttention`` takes its fast path by identity)."""
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or not isinstance(attrgetter(node.target)(gm), nn.Parameter):
+            continue
+        users = [u for u in node.users if is_call(u, *_OWN_BACKWARD)]
+        if users:
+            with graph.inserting_after(node):
+                constant = graph.call_function(torch.detach, (node,))
+            for user in users:
+                user.replace_input_with(node, constant)

@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .. import mha, ops
+from .. import mha, ops, sdpa
 from ..dataflow import Dataflow, gradient_inputs
 from ..errors import LibraError
 from ..graph_utils import arg, is_call, module_path
@@ -137,7 +137,7 @@ def _through(value: object) -> object:
 def _attention(nodes: list[fx.Node], flow: Dataflow) -> AttentionSite | None:
     sites = []
     for node in nodes:
-        if is_call(node, F.scaled_dot_product_attention):
+        if is_call(node, F.scaled_dot_product_attention, sdpa.libra_scaled_dot_product_attention):
             sites.append(AttentionSite("sdpa", node, node))
         elif is_call(node, mha.multihead_attention, mha.libra_multihead_attention):
             first = [u for u in node.users if is_call(u, operator.getitem) and u.args[1] == 0]

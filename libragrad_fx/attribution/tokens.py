@@ -51,6 +51,13 @@ class Axes:
     grid: int | None = None
     fold: int = 1
 
+    def spare_last(self, ndim: int) -> bool:
+        """True when the last axis of an ``ndim``-D value is a channel axis (neither batch,
+        tokens nor grid), so summing it early changes no token's total."""
+        last = ndim - 1
+        grid = () if self.grid is None else (self.grid, self.grid + 1)
+        return self.fold == 1 and last not in (self.batch, self.tokens, *grid)
+
     def unfold(self, value: Tensor) -> Tensor:
         """The value with its batch first (and unfolded)."""
         if self.fold > 1:
@@ -67,6 +74,13 @@ class Layout:
     cls: int | None  # the class token's index in ``order``
     axes: dict[fx.Node, Axes]
 
+    def reorder(self, value: Tensor, dim: int = 1) -> Tensor:
+        """``value``'s token axis ``dim`` (model positions) in our order; a view when the
+        model already puts the prefix first, which saves a copy of every tapped activation."""
+        if self.order == tuple(range(len(self.order))):
+            return value
+        return value.index_select(dim, torch.tensor(self.order, device=value.device))
+
     def to_tokens(self, node: fx.Node, value: Tensor) -> Tensor | None:
         """``value`` (shaped like ``node``'s output) summed to (B, T) in our token order, or
         None when the node has no token axis."""
@@ -81,7 +95,7 @@ class Layout:
             axis = ax.tokens + (ax.tokens < ax.batch)
             other = [d for d in range(1, value.dim()) if d != axis]
             per_token = value.sum(other) if other else value
-            return per_token[:, list(self.order)]
+            return self.reorder(per_token)
         if ax.grid is not None:
             axis = ax.grid + (ax.grid < ax.batch)
             value = value.movedim((axis, axis + 1), (1, 2)).flatten(1, 2)

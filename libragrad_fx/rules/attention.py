@@ -1,9 +1,10 @@
 """Attention rule: the attention probabilities are constants; gradient flows through V only.
 
-Forms: fused ``scaled_dot_product_attention`` (q and k detached, the fused kernel kept; the
-mask is left as it is: detaching one that requires grad changes the CPU kernel, and so the
-forward's bits), an explicit ``softmax(...) @ V`` (scale, mask and dropout in between are
-looked through), ``nn.MultiheadAttention`` (canonicalised to ``mha.multihead_attention``), and
+Forms: fused ``scaled_dot_product_attention`` (q and k detached, and the call swapped for
+``sdpa.libra_scaled_dot_product_attention``: the same fused forward, a backward that computes
+dV = Aᵀ·dO alone instead of the fused kernel's dq, dk and dv), an explicit
+``softmax(...) @ V`` (scale, mask and dropout in between are looked through),
+``nn.MultiheadAttention`` (canonicalised to ``mha.multihead_attention``), and
 probabilities that reach their product with an input-dependent value through linear maps with
 constant weights (talking-heads mixing, scaling by constants, sums), detached where the softmax
 is read.
@@ -17,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .. import mha
+from .. import mha, sdpa
 from ..dataflow import Dataflow, gradient_inputs
 from ..graph_utils import arg, detach_use, is_call
 from .base import Rule, is_passthrough, through_passthrough
@@ -25,9 +26,10 @@ from .base import Rule, is_passthrough, through_passthrough
 _MATMULS = (operator.matmul, torch.bmm, torch.matmul)
 _PRODUCTS = (operator.mul, torch.einsum, *_MATMULS)
 # Linear in their first argument when every other operand is a constant for the backward.
-_LINEAR_IN_FIRST = (F.linear, operator.truediv, operator.getitem, operator.neg, torch.sum,
-                    torch.mean, torch.unbind, torch.chunk, torch.split, torch.select,
-                    torch.narrow)
+_LINEAR_IN_FIRST = (F.linear, sdpa.cut_linear, operator.truediv, operator.getitem,
+                    operator.neg, torch.sum, torch.mean, torch.unbind, torch.chunk,
+                    torch.split, torch.select, torch.narrow)
+_SPLITS = (torch.unbind, torch.chunk, torch.split)
 _LINEAR_METHODS = {"sum", "mean", "unbind", "chunk", "split", "select", "narrow"}
 # Linear in each operand when the others are constants (the product by a constant).
 _LINEAR_IN_ANY = (operator.mul, operator.add, operator.sub, torch.einsum, *_MATMULS)
@@ -69,6 +71,15 @@ def _reaches_product(first: fx.Node, softmax: fx.Node, flow: Dataflow) -> bool:
     return False
 
 
+def _projection(value) -> fx.Node | None:
+    """The ``F.linear`` that produced ``value`` through reshapes and splits alone, if any."""
+    while is_passthrough(value) or is_call(value, operator.getitem, *_SPLITS) or (
+            isinstance(value, fx.Node) and value.op == "call_method"
+            and value.target in ("unbind", "chunk", "split")):
+        value = value.args[0]
+    return value if is_call(value, F.linear, sdpa.cut_linear) else None
+
+
 def _match(node: fx.Node, flow: Dataflow):
     if not flow.needs_rule(node):
         return None
@@ -97,10 +108,16 @@ def _match(node: fx.Node, flow: Dataflow):
 
 def _replace(graph: fx.Graph, node: fx.Node, payload) -> str:
     if payload == "sdpa":
-        for value in dict.fromkeys((arg(node, 0, "query"), arg(node, 1, "key"))):
+        q, k = arg(node, 0, "query"), arg(node, 1, "key")
+        cut = [p for p in dict.fromkeys((_projection(q), _projection(k))) if p is not None]
+        for value in dict.fromkeys((q, k)):
             if isinstance(value, fx.Node):
                 detach_use(graph, node, value)
-        return "q, k detached; fused kernel kept"
+        node.target = sdpa.libra_scaled_dot_product_attention
+        for projection in cut:
+            projection.target = sdpa.cut_linear
+        pruned = f"; {', '.join(p.name for p in cut)} skips q, k rows" if cut else ""
+        return f"q, k detached; fused forward, backward dV = A^T dO{pruned}"
     if payload == "mha":
         node.target = mha.libra_multihead_attention
         return "attention probabilities constant (q, k detached)"
