@@ -25,6 +25,26 @@ def swap_backward(value: Tensor, grad_source: Tensor) -> Tensor:
     return value.detach() + (grad_source - grad_source.detach())
 
 
+def wanted(ctx, index: int, tensor: Tensor | None) -> bool:
+    """Whether the running backward reads the gradient of input ``index`` of a custom Function.
+
+    ``ctx.needs_input_grad`` says only that the input requires grad, so a backward asked for
+    input gradients alone (``torch.autograd.grad(f, x)``) would still compute the gradients
+    of every parameter, which native kernels skip. For a leaf (a parameter) the engine knows
+    whether its accumulator will run; if it cannot say, the gradient is computed.
+    """
+    if tensor is None or not ctx.needs_input_grad[index]:
+        return False
+    if tensor.grad_fn is not None:
+        return True
+    with torch.enable_grad():
+        accumulator = tensor.view_as(tensor).grad_fn.next_functions[0][0]
+    try:
+        return bool(torch._C._will_engine_execute_node(accumulator))
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def _reduce_dims(x: Tensor, ndim_normalized: int) -> tuple[list[int], list[int]]:
     """The normalised (trailing) dims and the leading dims of ``x``."""
     trailing = list(range(x.dim() - ndim_normalized, x.dim()))
@@ -134,11 +154,10 @@ class _ConstStatLayerNorm(torch.autograd.Function):
             grad, torch.zeros_like(x), shape, torch.zeros_like(mean), rstd, weight, None,
             [True, False, False])[0]
         dw = db = None
-        want_w = weight is not None and ctx.needs_input_grad[2]
-        if want_w or ctx.needs_input_grad[3]:  # these see the true x_hat
+        want_w, want_b = wanted(ctx, 2, weight), wanted(ctx, 3, bias)
+        if want_w or want_b:  # these see the true x_hat
             _, dw, db = torch.ops.aten.native_layer_norm_backward(
-                grad, x, shape, mean, rstd, weight, bias,
-                [False, want_w, ctx.needs_input_grad[3]])
+                grad, x, shape, mean, rstd, weight, bias, [False, want_w, want_b])
         return dx, None, dw, db, None
 
 
@@ -158,7 +177,7 @@ class _ConstStatRmsNorm(torch.autograd.Function):
         rrms = torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + ctx.eps)
         g = grad if weight is None else grad * weight
         dw = None
-        if weight is not None and ctx.needs_input_grad[2]:
+        if wanted(ctx, 2, weight):
             dw = (grad * x * rrms).sum(lead)
         return g * rrms, None, dw, None
 
@@ -185,7 +204,7 @@ class _ConstStatGroupNorm(torch.autograd.Function):
         # As in layer norm: the mean-centring (per group) differentiable, 1/sigma a constant.
         dx = ((g - g.mean(-1, keepdim=True)) * rstd).reshape(x.shape)
         dw = None
-        if weight is not None and ctx.needs_input_grad[2]:
+        if wanted(ctx, 2, weight):
             dw = (grad * (centred * rstd).reshape(x.shape)).sum(lead)
         db = grad.sum(lead) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return dx, None, dw, db, None

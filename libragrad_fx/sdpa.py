@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .ops import wanted
+
 
 def attention_probabilities(query: Tensor, key: Tensor, attn_mask: Tensor | None,
                             is_causal: bool, scale: float | None) -> Tensor:
@@ -90,13 +92,13 @@ def libra_scaled_dot_product_attention(
 class _CutLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, bias)
         return F.linear(x, weight, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight, bias = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1])
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
@@ -109,9 +111,9 @@ class _CutLinear(torch.autograd.Function):
                 dx = grad.narrow(-1, start, size) @ weight.narrow(0, start, size)
             else:
                 dx = grad.index_select(-1, live) @ weight.index_select(0, live)
-        if ctx.needs_input_grad[1]:
+        if wanted(ctx, 1, weight):
             dw = rows.t() @ x.reshape(-1, x.shape[-1])
-        if ctx.needs_input_grad[2]:
+        if wanted(ctx, 2, bias):
             db = rows.sum(0)
         return dx, dw, db
 

@@ -109,3 +109,29 @@ def test_multihead_attention_without_autograd_runs_the_module_itself():
         want = attn(x, x, x, need_weights=False)[0]
         got = mha.libra_multihead_attention(attn, x, x, x, *params, need_weights=False)[0]
     assert torch.equal(got, want)
+
+
+def test_custom_backwards_compute_parameter_gradients_only_when_the_engine_reads_them():
+    seen = []
+
+    class Recorder(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            return x * w
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append((ops.wanted(ctx, 0, None), ops.wanted(ctx, 1, w)))
+            return grad * w, grad * x
+
+    x, w = _leaves((4,), (4,))
+    torch.autograd.grad(Recorder.apply(x, w).sum(), x)  # input gradient only
+    torch.autograd.grad(Recorder.apply(x, w).sum(), (x, w))
+    Recorder.apply(x, w).sum().backward()  # accumulates into every parameter
+    Recorder.apply(x, w.detach()).sum().backward()
+    assert seen == [(False, False), (False, True), (False, True), (False, False)]
+    # the layer norm leaves its weight gradient out when only the input's is asked for,
+    # and the input gradient is the same either way
+    (dx_alone,) = torch.autograd.grad(ops.libra_layer_norm(x, (4,), w).sum(), x)
+    dx_both, _ = torch.autograd.grad(ops.libra_layer_norm(x, (4,), w).sum(), (x, w))
+    assert torch.equal(dx_alone, dx_both)
