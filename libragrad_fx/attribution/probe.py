@@ -20,7 +20,8 @@ from .. import ops, sdpa
 from ..errors import InputError, LibraError
 from ..graph_utils import is_call
 
-# Custom backwards that compute parameter gradients only when the parameters require grad.
+# Our custom backwards: handed detached parameters, they skip weight gradients without having
+# to ask the engine (ops.wanted), which is private API that a future torch may change.
 _OWN_BACKWARD = (ops.libra_layer_norm, ops.libra_rms_norm, ops.libra_group_norm,
                  sdpa.cut_linear)
 
