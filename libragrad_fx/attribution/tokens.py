@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from functools import cached_property
 
 import networkx as nx
 import torch
@@ -74,10 +75,14 @@ class Layout:
     cls: int | None  # the class token's index in ``order``
     axes: dict[fx.Node, Axes]
 
+    @cached_property
+    def _in_model_order(self) -> bool:
+        return self.order == tuple(range(len(self.order)))
+
     def reorder(self, value: Tensor, dim: int = 1) -> Tensor:
         """``value``'s token axis ``dim`` (model positions) in our order; a view when the
         model already puts the prefix first, which saves a copy of every tapped activation."""
-        if self.order == tuple(range(len(self.order))):
+        if self._in_model_order:
             return value
         return value.index_select(dim, torch.tensor(self.order, device=value.device))
 
