@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from .attribution import METHODS, Explainer, Explanation, explain
-from .bias import BiasSite
-from .certify import Violation, certify
-from .completeness import Completeness, completeness_error
+from .compiler.bias import BiasSite
+from .compiler.certify import Violation, certify
+from .compiler.completeness import Completeness, completeness_error
+from .compiler.graph_module import LibraGraphModule
+from .compiler.report import Rewrite, RewriteReport
+from .compiler.rules import ALL_RULES, Rule, libra
+from .compiler.transform import libra_transform
 from .errors import (
     InputError,
     LibraError,
@@ -14,10 +18,6 @@ from .errors import (
     TrainingModeError,
     UncertifiedError,
 )
-from .graph_module import LibraGraphModule
-from .report import Rewrite, RewriteReport
-from .rules import ALL_RULES, Rule, libra
-from .transform import libra_transform
 
 __all__ = [
     "ALL_RULES",

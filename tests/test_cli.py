@@ -17,13 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from libragrad_fx.cli import main
 from libragrad_fx.commands import demo
+from libragrad_fx.commands.cli import main
 from libragrad_fx.commands.maps import Query, run_maps
 from libragrad_fx.digits import build, make_digits
 from libragrad_fx.digits.models import save, weights_path
-from libragrad_fx.inputs import open_image, prepare
-from libragrad_fx.models import load
+from libragrad_fx.loading.inputs import open_image, prepare
+from libragrad_fx.loading.models import load
 from libragrad_fx.pictures import figure_size
 
 IMAGE = str(demo.IMAGE)
@@ -241,9 +241,9 @@ def test_pretrained_offline_says_how_to_pass_a_checkpoint(tmp_path, capsys, monk
     from huggingface_hub import constants
     from huggingface_hub.utils import reset_sessions
 
-    import libragrad_fx.hub
+    import libragrad_fx.loading.hub
 
-    monkeypatch.setattr(libragrad_fx.hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(libragrad_fx.loading.hub, "hub_reachable", lambda: False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored afterwards
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
     try:
@@ -275,7 +275,7 @@ def test_the_installed_command_fails_in_one_line(tmp_path):
     path = tmp_path / "broken.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "libragrad_fx.cli", *explain_argv(
+    proc = subprocess.run([sys.executable, "-m", "libragrad_fx.commands.cli", *explain_argv(
         image=str(path))], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stdout == ""

@@ -26,7 +26,7 @@ from libragrad_fx import (
     libra,
     libra_transform,
 )
-from libragrad_fx.cli import main
+from libragrad_fx.commands.cli import main
 
 D = 8
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from libragrad_fx import LibraError, TraceError, libra_transform
-from libragrad_fx.export import export_trace
+from libragrad_fx.compiler.frontends.export import export_trace
 
 from .zoo import timm_model
 

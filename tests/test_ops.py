@@ -4,7 +4,7 @@ written out here with explicit detaches (parameters included, which model tests 
 import torch
 import torch.nn.functional as F
 
-from libragrad_fx import mha, ops
+from libragrad_fx.runtime import mha, ops
 
 
 def _grads(fn, *tensors):

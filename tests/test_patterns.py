@@ -33,7 +33,8 @@ from timm.layers import AttentionPoolLatent, GluMlp, GroupNorm, GroupNorm1, Laye
 from torch import Tensor, nn
 
 import libragrad_fx
-from libragrad_fx import LibraWarning, libra_transform, mha, ops
+from libragrad_fx import LibraWarning, libra_transform
+from libragrad_fx.runtime import mha, ops
 
 DT = torch.float64
 D_IN, D, D_OUT, HEADS, TOKENS, BATCH = 6, 8, 3, 2, 5, 2

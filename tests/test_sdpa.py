@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from libragrad_fx import LibraWarning, libra, libra_transform, sdpa
+from libragrad_fx import LibraWarning, libra, libra_transform
 from libragrad_fx.attribution.probe import Probe
+from libragrad_fx.runtime import sdpa
 
 
 def _randn(*shape, seed=0, dtype=torch.float64):

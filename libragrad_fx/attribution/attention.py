@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..sdpa import attention_probabilities
+from ..runtime.sdpa import attention_probabilities
 from .structure import AttentionSite, sdpa_arguments
 
 

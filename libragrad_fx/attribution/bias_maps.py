@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .. import mha, ops, sdpa
-from ..bias import BiasSite
-from ..graph_utils import is_call
+from ..compiler.bias import BiasSite
+from ..compiler.graph_utils import is_call
+from ..runtime import mha, ops, sdpa
 
 _CONVS = (F.conv1d, F.conv2d, F.conv3d)
 _CHANNEL_FIRST = (*_CONVS, F.group_norm, ops.libra_group_norm, F.batch_norm)

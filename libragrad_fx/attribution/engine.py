@@ -15,9 +15,9 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ..dataflow import Dataflow
+from ..compiler.dataflow import Dataflow
+from ..compiler.transform import libra_transform
 from ..errors import LibraError, LibraWarning
-from ..transform import libra_transform
 from . import attention as attn
 from .bias_maps import SiteProbe, contribution, site_probes
 from .probe import Probe

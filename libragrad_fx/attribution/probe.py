@@ -16,9 +16,9 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .. import ops, sdpa
+from ..compiler.graph_utils import is_call
 from ..errors import InputError, LibraError
-from ..graph_utils import is_call
+from ..runtime import ops, sdpa
 
 # Our custom backwards: handed detached parameters, they skip weight gradients without having
 # to ask the engine (ops.wanted), which is private API that a future torch may change.

@@ -19,11 +19,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .. import mha, ops, sdpa
-from ..dataflow import Dataflow, gradient_inputs
+from ..compiler.dataflow import Dataflow, gradient_inputs
+from ..compiler.graph_utils import arg, is_call, module_path
+from ..compiler.rules.base import is_passthrough
 from ..errors import LibraError
-from ..graph_utils import arg, is_call, module_path
-from ..rules.base import is_passthrough
+from ..runtime import mha, ops, sdpa
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")  # a child name: a stem, then its index
 _MATMULS = (operator.matmul, torch.matmul, torch.bmm)

@@ -18,9 +18,9 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from ..dataflow import Dataflow
+from ..compiler.dataflow import Dataflow
+from ..compiler.graph_utils import is_call, module_path
 from ..errors import LibraError
-from ..graph_utils import is_call, module_path
 from .structure import Structure
 
 

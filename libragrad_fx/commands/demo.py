@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from ..digits import CAPTIONS, WeightsNotFoundError
-from ..inputs import open_image, prepare
+from ..loading.inputs import open_image, prepare
+from ..loading.models import LoadedModel, load
 from ..metrics import class_discrimination, completeness_gap
-from ..models import LoadedModel, load
 from ..pictures import check_writable, save_grid
 from .maps import FORM_NAMES, Query, panels, run_maps
 
@@ -104,7 +104,7 @@ def _print_numbers(name: str, query: Query, results: dict, demo: DemoImage) -> N
 
 def run(args: argparse.Namespace) -> None:
     """The demo; the CLIP panel is left out, with a note, while its weights are not shipped."""
-    from ..transform import libra_transform
+    from ..compiler.transform import libra_transform
 
     check_writable(args.output)
     demo = shipped_image()

@@ -10,8 +10,8 @@ import torch
 
 from ..attribution import METHODS
 from ..errors import InputError
-from ..inputs import Picture, open_image, prepare
-from ..models import LoadedModel, load
+from ..loading.inputs import Picture, open_image, prepare
+from ..loading.models import LoadedModel, load
 from ..pictures import check_writable, save_grid
 from .maps import FORM_NAMES, Query, panels, run_maps
 

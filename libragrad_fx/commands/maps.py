@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..attribution import Explanation, explain
-from ..inputs import Picture
+from ..loading.inputs import Picture
 from ..pictures import Panel
 
 FORM_NAMES = {False: "vanilla", True: "Libra"}

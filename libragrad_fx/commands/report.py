@@ -10,8 +10,8 @@ from ..errors import LibraWarning
 
 def run(args: argparse.Namespace) -> None:
     """Print the report; the weights are loaded when asked for, though it does not need them."""
-    from ..models import example_input, load_model
-    from ..transform import libra_transform
+    from ..compiler.transform import libra_transform
+    from ..loading.models import example_input, load_model
 
     model = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
     x = example_input(model)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints import load_checkpoint
 from ..errors import LibraError
+from ..loading.checkpoints import load_checkpoint
 
 __all__ = ["CAPTIONS", "NAMES", "WEIGHTS_DIR", "WeightsNotFoundError", "build", "class_logits",
            "load", "save", "tokenize_captions", "weights_path"]

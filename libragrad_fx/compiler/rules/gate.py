@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .. import ops
+from ...runtime import ops
 from ..dataflow import Dataflow
 from ..graph_utils import arg, detach_use, is_call
 from .base import Rule, through_passthrough

@@ -13,7 +13,7 @@ import operator
 
 import torch.fx as fx
 
-from .. import ops
+from ...runtime import ops
 from ..dataflow import Dataflow
 from ..graph_utils import is_call
 from .base import Rule

@@ -11,7 +11,7 @@ import logging
 import sys
 import warnings
 
-from .errors import LibraError, LibraWarning
+from ..errors import LibraError, LibraWarning
 
 MODEL_HELP = ("digits:NAME (a shipped digits model: vit, mixer, eva, clip), a timm name, "
               "open_clip:NAME or module:attr")
@@ -27,19 +27,19 @@ def _add_weights(parser: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from .commands import report
+    from . import report
 
     report.run(args)
 
 
 def _explain(args: argparse.Namespace) -> None:
-    from .commands import explain
+    from . import explain
 
     explain.run(args)
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .commands import demo
+    from . import demo
 
     demo.run(args)
 

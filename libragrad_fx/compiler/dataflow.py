@@ -14,7 +14,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from . import ops
+from ..runtime import ops
 
 # Calls whose result carries no gradient (shapes, dtypes, comparisons, fresh constants).
 _NO_GRAD_FUNCTIONS = {

@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import mha, ops
+from ..runtime import mha, ops
 from .graph_utils import arg, replace_with_call
 
 # Tensor methods that become the torch function of the same meaning (self first).

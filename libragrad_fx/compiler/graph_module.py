@@ -7,7 +7,7 @@ import re
 import torch
 import torch.fx as fx
 
-from .errors import InputError, LibraError
+from ..errors import InputError, LibraError
 from .report import RewriteReport
 
 

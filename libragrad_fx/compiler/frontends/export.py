@@ -30,8 +30,8 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-from .errors import TraceError
-from .export_ops import to_canonical
+from ...errors import TraceError
+from .aten import to_canonical
 
 _STATE = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 _SET_GRAD = torch.ops.higher_order.wrap_with_set_grad_enabled

@@ -17,8 +17,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputError, LibraError
 from .bias import BiasSite
-from .errors import InputError, LibraError
 from .graph_module import LibraGraphModule
 
 Target = int | Tensor | Callable[[Tensor], Tensor]

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch.fx as fx
 from torch import nn
 
-from .errors import TraceError
+from ...errors import TraceError
 
 
 def is_builtin_module(module: nn.Module) -> bool:

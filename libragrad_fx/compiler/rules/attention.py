@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .. import mha, sdpa
+from ...runtime import mha, sdpa
 from ..dataflow import Dataflow, gradient_inputs
 from ..graph_utils import arg, detach_use, is_call
 from .base import Rule, is_passthrough, through_passthrough

@@ -8,17 +8,17 @@ from collections.abc import Sequence
 import torch.fx as fx
 from torch import nn
 
+from ..errors import LibraError, LibraWarning, TraceError, TrainingModeError, UncertifiedError
 from .bias import bias_sites
 from .canonical import canonicalize
 from .certify import certify
 from .dataflow import Dataflow
-from .errors import LibraError, LibraWarning, TraceError, TrainingModeError, UncertifiedError
-from .export import export_trace
+from .frontends.export import export_trace
+from .frontends.fx import trace
 from .graph_module import LibraGraphModule
 from .graph_utils import module_path, target_name
 from .report import Rewrite, RewriteReport
 from .rules import Rule, libra
-from .trace import trace
 
 
 def apply_rule(gm: fx.GraphModule, rule: Rule) -> list[Rewrite]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import LibraError
+from ..errors import LibraError
 
 _SHOWN = 3  # differences named per kind
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "module")

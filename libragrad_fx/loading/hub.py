@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlparse
 
-from .errors import LibraError
+from ..errors import LibraError
 
 _PROBE_SECONDS = 3.0
 _CHECKPOINT_HINT = "pass --checkpoint FILE (a state_dict in .pt, .pth or .safetensors)"

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import LibraError
 from .checkpoints import load_checkpoint
-from .errors import LibraError
 from .hub import pretrained_weights
 from .inputs import Preprocessing
 
@@ -73,7 +73,7 @@ def load_model(spec: str, *, checkpoint: str | Path | None = None,
 
 
 def _digits(name: str, pretrained: Pretrained, shipped: bool) -> LoadedModel:
-    from .digits import models as digits
+    from ..digits import models as digits
 
     if isinstance(pretrained, str):
         raise LibraError(f"digits:{name} has one set of weights, the shipped one; drop the tag")

@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import mha, ops, sdpa
+from ..runtime import mha, ops, sdpa
 from .dataflow import Dataflow, gradient_inputs
 from .graph_utils import arg, module_path, target_name
 

@@ -1,0 +1,1 @@
+"""Models by name, checkpoints, pretrained weights and their input preprocessing."""
