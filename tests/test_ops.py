@@ -18,15 +18,6 @@ def _leaves(*shapes):
     return [torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
 
 
-def test_swap_backward_has_the_value_of_one_and_the_gradient_of_the_other():
-    (x,) = _leaves((5,))
-    out = ops.swap_backward(torch.tanh(x), 3 * x)
-    assert torch.equal(out, torch.tanh(x))
-    (g,) = torch.autograd.grad(out.sum(), x)
-    assert torch.allclose(g, torch.full_like(g, 3.0))
-    assert not ops.cst(x).requires_grad
-
-
 def test_layer_norm_backward_treats_the_variance_as_constant_for_all_arguments():
     x, w, b = _leaves((3, 4, 8), (8,), (8,))
 

@@ -13,6 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..compiler.opspec import AttentionRead
 from ..runtime.sdpa import attention_probabilities
 from .structure import AttentionSite, sdpa_arguments
 
@@ -30,9 +31,9 @@ def _value(arg_, values: dict):
 def probabilities(site: AttentionSite, values: dict, grad: Tensor) -> tuple[Tensor, Tensor]:
     """(A, ∂f/∂A), each (B, heads, T, T), from the site's values and ∂f/∂O."""
     with torch.no_grad():
-        if site.kind == "sdpa":
+        if site.kind is AttentionRead.FUSED:
             return _sdpa(site, values, grad)
-        if site.kind == "softmax":
+        if site.kind is AttentionRead.SOFTMAX:
             v = values[site.node.args[1]]
             return values[site.probs].detach(), grad @ v.detach().transpose(-2, -1)
         return _mha(site, values, grad)

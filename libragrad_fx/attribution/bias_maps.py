@@ -14,18 +14,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..compiler.bias import BiasSite
-from ..compiler.graph_utils import is_call
-from ..runtime import mha, ops, sdpa
-
-_CONVS = (F.conv1d, F.conv2d, F.conv3d)
-_CHANNEL_FIRST = (*_CONVS, F.group_norm, ops.libra_group_norm, F.batch_norm)
-_TRAILING = (F.linear, sdpa.cut_linear, F.layer_norm, ops.libra_layer_norm)
-_CATS = (torch.cat, torch.concat)
+from ..compiler import optable
+from ..compiler.bias import BiasSite, is_implicit_slot
+from ..compiler.opspec import AttentionRead, BiasMap
 
 
 @dataclass(frozen=True)
@@ -47,7 +41,8 @@ def site_probes(gm: fx.GraphModule, sites: list[BiasSite]) -> list[SiteProbe]:
     for site in sites:
         node = nodes[site.node]
         output = node
-        if is_call(node, mha.multihead_attention, mha.libra_multihead_attention):
+        op = optable.call_record(node)
+        if op is not None and op.attention is AttentionRead.MODULE:
             firsts = [u for u in node.users if u.args[1:] == (0,)]
             if not firsts:
                 continue
@@ -81,25 +76,26 @@ def contribution(probe: SiteProbe, values: dict, grad: Tensor, sum_last: bool = 
     node, path = probe.node, probe.site.path
     b = _argument(node, path, values).detach()
     grad = grad.detach()
-    target = node.target
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    if target in _TRAILING or name == "add":
+    op = optable.call_record(node)
+    how = op.bias_map if op is not None else BiasMap.EXACT
+    if how is BiasMap.TRAILING:
         if sum_last and b.dim() == 1 and grad.dim() > 1 and b.shape[0] == grad.shape[-1]:
             return (grad @ b.to(grad.dtype)).unsqueeze(-1)
         return grad * b
-    if name == "sub":
+    if how is BiasMap.SUBTRACTED:
         return grad * b if path[0] == 0 else -grad * b
-    if target in _CHANNEL_FIRST:
-        if target is F.batch_norm and path in ((1,), ("running_mean",)):
+    if how is BiasMap.CHANNELS:
+        if is_implicit_slot(node, path):
             b = _implicit_mean(node, values)
         return grad * _along(b, 1, grad.dim())
-    if target in _CATS or target is torch.stack:
+    if how is BiasMap.PLACED:
         return _placed(node, path, values, grad, b)
     return grad * _by_double_backward(node, path, values)
 
 
 def _implicit_mean(node: fx.Node, values: dict) -> Tensor:
-    """The bias eval batch norm adds through its running mean: -mean * weight / sqrt(var+eps)."""
+    """The bias eval batch norm adds through its running mean (its one implicit slot):
+    -mean * weight / sqrt(var+eps)."""
     names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
              "eps")
     call = dict(zip(names, _value(node.args, values), strict=False))

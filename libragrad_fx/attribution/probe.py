@@ -16,14 +16,16 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ..compiler.graph_utils import is_call
+from ..compiler import optable
 from ..errors import InputError, LibraError
-from ..runtime import ops, sdpa
 
-# Our custom backwards: handed detached parameters, they skip weight gradients without having
-# to ask the engine (ops.wanted), which is private API that a future torch may change.
-_OWN_BACKWARD = (ops.libra_layer_norm, ops.libra_rms_norm, ops.libra_group_norm,
-                 sdpa.cut_linear)
+
+def _own_backward(node: fx.Node) -> bool:
+    """One of our custom backwards (``detached_params`` in the op table): handed detached
+    parameters, it skips weight gradients without having to ask the engine (runtime
+    ``ops.wanted``), which is private API that a future torch may change."""
+    op = optable.call_record(node)
+    return op is not None and op.detached_params
 
 
 class Probe:
@@ -70,7 +72,7 @@ def _parameters_as_constants(gm: fx.GraphModule, graph: fx.Graph) -> None:
     for node in list(graph.nodes):
         if node.op != "get_attr" or not isinstance(attrgetter(node.target)(gm), nn.Parameter):
             continue
-        users = [u for u in node.users if is_call(u, *_OWN_BACKWARD)]
+        users = [u for u in node.users if _own_backward(u)]
         if users:
             with graph.inserting_after(node):
                 constant = graph.call_function(torch.detach, (node,))

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 import networkx as nx
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from ..compiler import optable
 from ..compiler.dataflow import Dataflow, gradient_inputs
 from ..compiler.graph_utils import arg, is_call, module_path
+from ..compiler.opspec import AttentionRead
 from ..compiler.rules.base import is_passthrough
 from ..errors import LibraError
-from ..runtime import mha, ops, sdpa
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")  # a child name: a stem, then its index
 _MATMULS = (operator.matmul, torch.matmul, torch.bmm)
@@ -33,12 +33,12 @@ _MATMULS = (operator.matmul, torch.matmul, torch.bmm)
 class AttentionSite:
     """One attention inside a block: how to read its probabilities and their gradient.
 
-    ``kind`` is ``"sdpa"`` (``node`` is the fused call), ``"softmax"`` (``node`` is the
-    product ``A @ v``, ``probs`` the left operand) or ``"mha"`` (``node`` is the
-    ``multihead_attention`` call, ``output`` its first result).
+    ``kind`` is ``FUSED`` (``node`` is the fused call), ``SOFTMAX`` (``node`` is the
+    product ``A @ v``, ``probs`` the left operand) or ``MODULE`` (``node`` is the
+    ``nn.MultiheadAttention`` call, ``output`` its first result).
     """
 
-    kind: str
+    kind: AttentionRead
     node: fx.Node
     output: fx.Node
     probs: fx.Node | None = None
@@ -129,7 +129,7 @@ def _block_input(nodes: list[fx.Node], image: set[fx.Node], where: str) -> fx.No
 
 def _through(value: object) -> object:
     """Back through reshapes, casts, dropout and detach to the producer."""
-    while is_passthrough(value) or is_call(value, torch.detach, ops.cst):
+    while is_passthrough(value) or is_call(value, torch.detach):
         value = value.args[0]
     return value
 
@@ -137,16 +137,18 @@ def _through(value: object) -> object:
 def _attention(nodes: list[fx.Node], flow: Dataflow) -> AttentionSite | None:
     sites = []
     for node in nodes:
-        if is_call(node, F.scaled_dot_product_attention, sdpa.libra_scaled_dot_product_attention):
-            sites.append(AttentionSite("sdpa", node, node))
-        elif is_call(node, mha.multihead_attention, mha.libra_multihead_attention):
+        op = optable.call_record(node)
+        read = op.attention if op is not None else None
+        if read is AttentionRead.FUSED:
+            sites.append(AttentionSite(read, node, node))
+        elif read is AttentionRead.MODULE:
             first = [u for u in node.users if is_call(u, operator.getitem) and u.args[1] == 0]
             if first:
-                sites.append(AttentionSite("mha", node, first[0]))
+                sites.append(AttentionSite(read, node, first[0]))
         elif is_call(node, *_MATMULS) and len(node.args) == 2:
             left = node.args[0]
             if is_call(_through(left), torch.softmax) and flow.depends_on_input(node.args[1]):
-                sites.append(AttentionSite("softmax", node, node, left))
+                sites.append(AttentionSite(AttentionRead.SOFTMAX, node, node, left))
     if len(sites) > 1:
         where = module_path(sites[0].node)
         raise LibraError(f"a block holds {len(sites)} attentions (first in {where!r}); "

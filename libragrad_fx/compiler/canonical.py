@@ -17,38 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import mha, ops
+from . import optable
 from .graph_utils import arg, replace_with_call
 
-# Tensor methods that become the torch function of the same meaning (self first).
-_METHODS: dict[str, Callable] = {
-    "softmax": torch.softmax,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "exp": torch.exp,
-    "log": torch.log,
-    "erf": torch.erf,
-    "sqrt": torch.sqrt,
-    "rsqrt": torch.rsqrt,
-    "relu": torch.relu,
-    "mul": operator.mul,
-    "matmul": operator.matmul,
-    "add": operator.add,
-    "sub": operator.sub,
-}
-# Functions that are aliases of one canonical function (same kernel, same arguments).
-_ALIASES: dict[Callable, Callable] = {
-    torch.mul: operator.mul,
-    torch.multiply: operator.mul,
-    torch.matmul: operator.matmul,
-    torch.add: operator.add,
-    torch.sub: operator.sub,
-    torch.div: operator.truediv,
-    torch.true_divide: operator.truediv,
-    F.sigmoid: torch.sigmoid,
-    F.tanh: torch.tanh,
-    torch.special.expit: torch.sigmoid,
-    torch.special.erf: torch.erf,
-}
+# Tensor methods and function aliases that become one canonical function (same kernel, same
+# arguments, self first): the op table's ``methods`` and ``aliases`` spellings.
+_METHODS: dict[str, Callable] = optable.canonical_methods()
+_ALIASES: dict[Callable, Callable] = optable.aliases()
 # Arithmetic is canonicalised only in its plain two-operand form (no alpha=, rounding_mode=).
 _BINARY = (operator.mul, operator.matmul, operator.add, operator.sub, operator.truediv)
 _EVAL_NOOPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)

@@ -6,31 +6,41 @@ products add degrees, powers scale them, and any other op is allowed only on k =
 graph is certified complete when the output has k = 1 and no op broke the calculus; every op
 that did is a ``Violation``, named at the node that made the degree go wrong.
 
-The tables below are the whole calculus: ``_LINEAR`` ops are degree-preserving in their first
-argument, ``_ADDITIVE`` ops sum terms that must share one degree (their constant tensor terms
-are the bias sites, see ``bias.py``), and ``_SPECIAL`` ops have their own degree function.
+Which clause of the calculus an op follows is its op-table record's ``degree`` (optable.py);
+this file gives each clause its meaning. Which arguments are added (the bias sites, degree 1)
+comes from the bias pass.
 """
 
 from __future__ import annotations
 
 import numbers
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
-from ..runtime import mha, ops, sdpa
+from . import optable
+from .bias import additive_slots, argument_at, bias_sources
 from .dataflow import Dataflow, gradient_inputs
 from .graph_utils import arg, module_path, target_name
+from .opspec import (
+    Attention,
+    Clause,
+    DegreeRule,
+    ModuleAttention,
+    Own,
+    Power,
+    Preserving,
+    Product,
+    Quotient,
+    Slot,
+    Sum,
+)
 
 Degree = Fraction
-Slot = tuple[int, str]  # an argument: its position and its keyword
 
 
 @dataclass(frozen=True)
@@ -49,127 +59,6 @@ class _Broken(Exception):
     def __init__(self, why: str, origin: fx.Node | None = None) -> None:
         super().__init__(why)
         self.why, self.origin = why, origin
-
-
-# --- which arguments are added together ------------------------------------------------------
-
-Path = tuple  # a path into node.args / node.kwargs: (index,), (index, j) or (name,)
-
-
-def argument_at(node: fx.Node, path: Path) -> Any:
-    """The argument of ``node`` at ``path``."""
-    value: Any = node.kwargs if isinstance(path[0], str) else node.args
-    for step in path:
-        value = value[step] if not isinstance(value, dict) else value.get(step)
-    return value
-
-
-def _slot(node: fx.Node, index: int, name: str) -> Path | None:
-    """The path of argument ``name`` (positional at ``index``), or None when it is absent."""
-    if index < len(node.args):
-        return (index,) if node.args[index] is not None else None
-    return (name,) if node.kwargs.get(name) is not None else None
-
-
-def _products_then(*bias: tuple[int, str]) -> Callable[[fx.Node], list[Path]]:
-    """Additive slots of an op that computes a product and adds the given bias arguments."""
-    return lambda node: [p for i, name in bias if (p := _slot(node, i, name)) is not None]
-
-
-def _elementwise(node: fx.Node) -> list[Path]:
-    """torch.max(a, b) with two tensors picks a summand per element; with a dim it reduces."""
-    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-    return [(0,), (1,)] if isinstance(other, fx.Node) else []
-
-
-_SUM_SLOTS: dict[Any, Callable[[fx.Node], list[Path]]] = {
-    operator.add: lambda n: [(0,), (1,)],
-    operator.sub: lambda n: [(0,), (1,)],
-    torch.cat: lambda n: [(0, j) for j in range(len(n.args[0]))],
-    torch.concat: lambda n: [(0, j) for j in range(len(n.args[0]))],
-    torch.stack: lambda n: [(0, j) for j in range(len(n.args[0]))],
-    torch.where: lambda n: [(1,), (2,)],
-    torch.maximum: lambda n: [(0,), (1,)],
-    torch.minimum: lambda n: [(0,), (1,)],
-    torch.max: lambda n: _elementwise(n),
-    torch.min: lambda n: _elementwise(n),
-}
-# Ops whose own value is a product of their first operands, plus bias arguments added to it.
-BIAS_SLOTS: dict[Any, Callable[[fx.Node], list[Path]]] = {
-    F.linear: _products_then((2, "bias")),
-    sdpa.cut_linear: _products_then((2, "bias")),
-    F.conv1d: _products_then((2, "bias")),
-    F.conv2d: _products_then((2, "bias")),
-    F.conv3d: _products_then((2, "bias")),
-    F.batch_norm: _products_then((1, "running_mean"), (4, "bias")),
-    F.layer_norm: _products_then((3, "bias")),
-    F.group_norm: _products_then((3, "bias")),
-    ops.libra_layer_norm: _products_then((3, "bias")),
-    ops.libra_group_norm: _products_then((3, "bias")),
-    torch.baddbmm: _products_then((0, "input")),
-    torch.addmm: _products_then((0, "input")),
-    torch.addcmul: _products_then((0, "input")),
-    mha.multihead_attention: _products_then((5, "in_proj_bias"), (7, "out_proj_bias")),
-    mha.libra_multihead_attention: _products_then((5, "in_proj_bias"), (7, "out_proj_bias")),
-}
-
-
-def additive_slots(node: fx.Node) -> list[Path]:
-    """Paths of the arguments that ``node`` adds to its value (its possible bias sites)."""
-    if node.op != "call_function":
-        return []
-    table = _SUM_SLOTS if node.target in _SUM_SLOTS else BIAS_SLOTS
-    rule = table.get(node.target)
-    return rule(node) if rule is not None else []
-
-
-# --- the degree rules ------------------------------------------------------------------------
-
-_PRESERVING_FUNCTIONS = {
-    operator.neg, operator.pos, operator.getitem, torch.neg, torch.flatten, torch.reshape,
-    torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.roll, torch.flip,
-    torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select, torch.sum, torch.mean,
-    torch.cumsum, torch.clone, torch.gather, torch.index_select, torch.tile, torch.movedim,
-    torch.repeat_interleave, torch.diagonal, torch.t, torch.relu, F.relu, F.leaky_relu,
-    torch.abs, torch.amax, torch.amin, torch.sort, torch.topk,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.dropout, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle,
-    F.unfold, F.fold, torch.std, torch.linalg.vector_norm, torch.norm, torch.linalg.norm,
-    ops.libra_gelu, ops.libra_silu, ops.libra_glu, ops.libra_rms_norm, ops.libra_normalize,
-    ops.contiguous_grad,
-}
-_PRESERVING_METHODS = {
-    "view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "expand",
-    "repeat", "squeeze", "unsqueeze", "to", "type", "type_as", "float", "half", "bfloat16",
-    "double", "mean", "sum", "chunk", "split", "unbind", "narrow", "select", "roll", "flip",
-    "clone", "view_as", "reshape_as", "expand_as", "index_select", "gather", "cumsum", "relu",
-    "t", "neg", "tile", "repeat_interleave", "movedim", "diagonal", "abs", "amax", "amin",
-    "std", "norm", "unfold", "sort", "topk",
-}
-# Built-in modules still called as modules after canonicalisation that keep the degree.
-_PRESERVING_MODULES = (
-    nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten, nn.ZeroPad2d,
-    nn.PixelShuffle, nn.PixelUnshuffle, nn.Upsample, nn.Dropout, nn.Identity, nn.Unfold,
-    nn.Fold,
-)
-_ZERO_MAKERS = {torch.zeros, torch.zeros_like}
-
-
-def is_zero_constant(value: fx.Node) -> bool:
-    """A tensor of zeros made on the spot: it adds nothing, whatever its degree."""
-    return (value.op == "call_function" and value.target in _ZERO_MAKERS) or (
-        value.op == "call_method" and value.target == "new_zeros")
-
-
-def bias_sources(flow: Dataflow, value: Any) -> tuple[str, ...]:
-    """The parameters and buffers behind ``value`` when it is a bias (a constant computed from
-    them, not from the input, not zeros); empty otherwise."""
-    if (not isinstance(value, fx.Node) or flow.reads_input(value) or is_zero_constant(value)):
-        return ()
-    return flow.constant_sources(value)
 
 
 class _Degrees:
@@ -196,7 +85,7 @@ class _Degrees:
             return self.k.get(value), value.name
         if isinstance(value, numbers.Number):
             return None if value == 0 else (Degree(0), f"the number {value}")
-        if not isinstance(value, fx.Node) or is_zero_constant(value):
+        if not isinstance(value, fx.Node) or optable.makes_zeros(value):
             return None
         if bias_sources(self.flow, value):
             return Degree(1), f"bias {value.name}"
@@ -259,40 +148,38 @@ def _sum(node: fx.Node, k: _Degrees, base: Any = _NO_PRODUCT) -> Any:
     return degrees[0] if degrees else Degree(0)
 
 
-def _product_of(*values: Any) -> Callable[[fx.Node, _Degrees], Any]:
-    def rule(node: fx.Node, k: _Degrees) -> Any:
-        degrees = [k(arg(node, i, name, None)) for i, name in values]
-        return None if None in degrees else sum(degrees, Degree(0))
-    return rule
-
-
-def _with_bias(product: Callable[[fx.Node, _Degrees], Any]) -> Callable:
-    return lambda node, k: _sum(node, k, product(node, k))
-
-
-def _mul(node: fx.Node, k: _Degrees) -> Any:
-    operands = node.args
-    if node.target is torch.einsum:
-        operands = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
-    degrees = [k(a) for a in operands]
+def _factors(node: fx.Node, k: _Degrees, slots: tuple[Slot, ...]) -> Any:
+    degrees = [k(arg(node, i, name, None)) for i, name in slots]
     return None if None in degrees else sum(degrees, Degree(0))
 
 
-def _div(node: fx.Node, k: _Degrees) -> Any:
+def _product(node: fx.Node, k: _Degrees, rule: Product) -> Any:
+    """The degree of the product, plus the op's additive arguments where it has any."""
+    if rule.factors:
+        degree = _factors(node, k, rule.factors)
+    else:
+        operands = node.args[rule.first_operand:]
+        if rule.first_operand and isinstance(node.args[rule.first_operand], (list, tuple)):
+            operands = node.args[rule.first_operand]
+        degrees = [k(a) for a in operands]
+        degree = None if None in degrees else sum(degrees, Degree(0))
+    op = optable.call_record(node)
+    return _sum(node, k, degree) if op is not None and op.adds is not None else degree
+
+
+def _quotient(node: fx.Node, k: _Degrees) -> Any:
     a, b = k(node.args[0]), k(node.args[1])
     return None if None in (a, b) else a - b
 
 
-def _scaled(factor: Any) -> Callable[[fx.Node, _Degrees], Any]:
-    def rule(node: fx.Node, k: _Degrees) -> Any:
-        base = k(node.args[0])
-        p = factor if factor is not None else arg(node, 1, "exponent", None)
-        if isinstance(p, fx.Node) and k(p) not in (None, 0):
-            raise _Broken("a power with an input-dependent exponent")
-        if not isinstance(p, numbers.Number):
-            raise _Broken("a power with a tensor exponent")
-        return None if base is None else base * Fraction(p).limit_denominator(1 << 20)
-    return rule
+def _power(node: fx.Node, k: _Degrees, rule: Power) -> Any:
+    base = k(node.args[0])
+    p = rule.exponent if rule.exponent is not None else arg(node, 1, "exponent", None)
+    if isinstance(p, fx.Node) and k(p) not in (None, 0):
+        raise _Broken("a power with an input-dependent exponent")
+    if not isinstance(p, numbers.Number):
+        raise _Broken("a power with a tensor exponent")
+    return None if base is None else base * Fraction(p).limit_denominator(1 << 20)
 
 
 def _check_attention(node: fx.Node, k: _Degrees, qk: tuple[Slot, ...], masks: tuple[Slot, ...]):
@@ -304,28 +191,28 @@ def _check_attention(node: fx.Node, k: _Degrees, qk: tuple[Slot, ...], masks: tu
         raise _Broken("attention whose mask carries gradient into the softmax")
 
 
-def _sdpa(node: fx.Node, k: _Degrees) -> Any:
-    _check_attention(node, k, ((0, "query"), (1, "key")), ((3, "attn_mask"),))
-    return k(arg(node, 2, "value"))
+def _attention(node: fx.Node, k: _Degrees, rule: Attention) -> Any:
+    _check_attention(node, k, rule.qk, rule.masks)
+    return k(arg(node, *rule.value))
 
 
 _KEYWORD_ONLY = 1 << 30  # a position no call reaches: the argument is passed by keyword
 _MHA_MASKS = ((_KEYWORD_ONLY, "attn_mask"), (_KEYWORD_ONLY, "key_padding_mask"))
+_MHA_PRODUCT = ((3, "value"), (4, "in_proj_weight"), (6, "out_proj_weight"))
 
 
-def _mha(node: fx.Node, k: _Degrees) -> Any:
-    # The rewritten form detaches q and k itself; both forms leave the masks as they are.
-    qk = ((1, "query"), (2, "key")) if node.target is mha.multihead_attention else ()
+def _module_attention(node: fx.Node, k: _Degrees, rule: ModuleAttention) -> Any:
+    # The Libra form detaches q and k itself; both forms leave the masks as they are.
+    qk = () if rule.detaches_qk else ((1, "query"), (2, "key"))
     _check_attention(node, k, qk, _MHA_MASKS)
-    value = _sum(node, k, _product_of((3, "value"), (4, "in_proj_weight"), (6, "out_proj_weight"))(
-        node, k))
+    value = _sum(node, k, _factors(node, k, _MHA_PRODUCT))
     return None if value is None else (value, Degree(0))
 
 
 def _batch_norm(node: fx.Node, k: _Degrees) -> Any:
     if arg(node, 5, "training", False):
         raise _Broken("batch norm in training mode normalises by batch statistics")
-    return _with_bias(_product_of((0, "input"), (3, "weight")))(node, k)
+    return _sum(node, k, _factors(node, k, ((0, "input"), (3, "weight"))))
 
 
 def _var_mean(node: fx.Node, k: _Degrees) -> Any:
@@ -370,65 +257,45 @@ def _clamp(node: fx.Node, k: _Degrees) -> Any:
     raise _Broken("clamp is not homogeneous")
 
 
-_SPECIAL: dict[Any, Callable[[fx.Node, _Degrees], Any]] = {
-    operator.mul: _mul, operator.matmul: _mul, torch.bmm: _mul, torch.einsum: _mul,
-    operator.truediv: _div,
-    torch.sqrt: _scaled(Fraction(1, 2)), torch.rsqrt: _scaled(Fraction(-1, 2)),
-    torch.square: _scaled(2), torch.reciprocal: _scaled(-1), torch.var: _scaled(2),
-    operator.pow: _scaled(None), torch.pow: _scaled(None),
-    torch.clamp: _clamp, torch.clamp_min: _clamp, F.pad: _pad,
-    F.linear: _with_bias(_product_of((0, "input"), (1, "weight"))),
-    sdpa.cut_linear: _with_bias(_product_of((0, "input"), (1, "weight"))),
-    F.conv1d: _with_bias(_product_of((0, "input"), (1, "weight"))),
-    F.conv2d: _with_bias(_product_of((0, "input"), (1, "weight"))),
-    F.conv3d: _with_bias(_product_of((0, "input"), (1, "weight"))),
-    torch.baddbmm: _with_bias(_product_of((1, "batch1"), (2, "batch2"))),
-    torch.addmm: _with_bias(_product_of((1, "mat1"), (2, "mat2"))),
-    torch.addcmul: _with_bias(_product_of((1, "tensor1"), (2, "tensor2"))),
-    ops.libra_layer_norm: _with_bias(_product_of((0, "x"), (2, "weight"))),
-    ops.libra_group_norm: _with_bias(_product_of((0, "x"), (2, "weight"))),
-    torch.var_mean: _var_mean,
-    F.batch_norm: _batch_norm,
-    F.scaled_dot_product_attention: _sdpa,
-    sdpa.libra_scaled_dot_product_attention: _sdpa,
-    mha.multihead_attention: _mha,
-    mha.libra_multihead_attention: _mha,
-    torch.masked_fill: _masked_fill,
-    ops.shared_product: _shared_product,
-    ops.swap_backward: lambda node, k: k(node.args[1]),
-    **{f: (lambda node, k: _sum(node, k)) for f in _SUM_SLOTS},
-    torch.max: lambda node, k: _sum(node, k) if _elementwise(node) else _preserving(node, k),
-    torch.min: lambda node, k: _sum(node, k) if _elementwise(node) else _preserving(node, k),
-}
-_SPECIAL_METHODS: dict[str, Callable[[fx.Node, _Degrees], Any]] = {
-    "var": _scaled(2), "pow": _scaled(None), "sqrt": _scaled(Fraction(1, 2)),
-    "rsqrt": _scaled(Fraction(-1, 2)), "masked_fill": _masked_fill, "clamp": _clamp,
-    "clamp_min": _clamp, "square": _scaled(2), "max": _reduce_only, "min": _reduce_only,
+def _max_min(node: fx.Node, k: _Degrees) -> Any:
+    return _sum(node, k) if additive_slots(node) else _preserving(node, k)
+
+
+_CLAUSES = {
+    Clause.BATCH_NORM: _batch_norm, Clause.VAR_MEAN: _var_mean,
+    Clause.MASKED_FILL: _masked_fill, Clause.SHARED_PRODUCT: _shared_product, Clause.PAD: _pad,
+    Clause.CLAMP: _clamp, Clause.MAX_MIN: _max_min, Clause.REDUCE_ONLY: _reduce_only,
 }
 
 
-def _rule_for(gm: fx.GraphModule, node: fx.Node) -> Callable | None:
-    if node.op == "call_function":
-        if node.target in _SPECIAL:
-            return _SPECIAL[node.target]
-        return _preserving if node.target in _PRESERVING_FUNCTIONS else None
-    if node.op == "call_method":
-        if node.target in _SPECIAL_METHODS:
-            return _SPECIAL_METHODS[node.target]
-        return _preserving if node.target in _PRESERVING_METHODS else None
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        return _preserving if isinstance(module, _PRESERVING_MODULES) else None
-    return None
+def _apply(rule: DegreeRule, node: fx.Node, k: _Degrees) -> Any:
+    """The degree that clause ``rule`` of the calculus gives ``node``."""
+    if isinstance(rule, Preserving):
+        return _preserving(node, k)
+    if isinstance(rule, Product):
+        return _product(node, k, rule)
+    if isinstance(rule, Sum):
+        return _sum(node, k)
+    if isinstance(rule, Quotient):
+        return _quotient(node, k)
+    if isinstance(rule, Power):
+        return _power(node, k, rule)
+    if isinstance(rule, Attention):
+        return _attention(node, k, rule)
+    if isinstance(rule, ModuleAttention):
+        return _module_attention(node, k, rule)
+    if isinstance(rule, Own):
+        return _CLAUSES[rule.clause](node, k)
+    raise TypeError(f"no clause of the calculus for {rule!r}")
 
 
-def _degree(gm: fx.GraphModule, node: fx.Node, k: _Degrees) -> Any:
+def _degree(node: fx.Node, k: _Degrees) -> Any:
     """The degree of ``node``'s value; raises _Broken where the calculus does not hold."""
     if node.op == "placeholder":
         return Degree(1)
-    rule = _rule_for(gm, node)
-    if rule is not None:
-        return rule(node, k)
+    op = optable.of_node(node)
+    if op is not None and op.degree is not None:
+        return _apply(op.degree, node, k)
     inputs = [k(v) for v in node.all_input_nodes if k.flow.depends_on_input(v)]
     if None in inputs:
         return None
@@ -456,7 +323,7 @@ def _walk(gm: fx.GraphModule, flow: Dataflow) -> Iterator[tuple[fx.Node, _Broken
         if not flow.depends_on_input(node):
             continue
         try:
-            k.k[node] = _degree(gm, node, k)
+            k.k[node] = _degree(node, k)
         except _Broken as broken:
             # Carry on as if a rule had repaired the node, so later breaks are reported too.
             inputs = [k(v) for v in gradient_inputs(node) if flow.depends_on_input(v)]

@@ -14,51 +14,36 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from ..runtime import ops
+from . import optable
+from .opspec import Op, Reads
 
-# Calls whose result carries no gradient (shapes, dtypes, comparisons, fresh constants).
-_NO_GRAD_FUNCTIONS = {
-    getattr, len, torch._assert, torch.detach, ops.cst,
-    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-    torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
-    torch.argmax, torch.argmin, torch.argsort, torch.zeros_like, torch.ones_like, torch.empty_like,
-    torch.full_like, torch.arange, torch.zeros, torch.ones, torch.full, torch.empty,
-}
-_NO_GRAD_METHODS = {
-    "size", "dim", "numel", "detach", "argmax", "argmin", "argsort", "eq", "ne", "lt", "le",
-    "gt", "ge", "new_zeros", "new_ones", "new_empty", "new_full", "long", "int", "bool",
-    "is_floating_point", "get_device",
-}
-# Methods that read only the dtype, device or shape of their second argument.
-_SELF_ONLY_METHODS = {"to", "type_as", "expand_as", "view_as", "reshape_as"}
-# Calls that read only the shape, dtype or device of their inputs, never their values.
-_SHAPE_FUNCTIONS = {getattr, len, torch._assert, torch.zeros_like, torch.ones_like,
-                    torch.empty_like, torch.full_like}
-_SHAPE_METHODS = {"size", "dim", "numel", "new_zeros", "new_ones", "new_empty", "new_full",
-                  "is_floating_point", "get_device"}
+
+def _call_record(node: fx.Node) -> Op | None:
+    """The record of a function or method call (module calls read every input)."""
+    return optable.of_node(node) if node.op in ("call_function", "call_method") else None
+
+
+def _first(node: fx.Node) -> list[fx.Node]:
+    return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
 
 
 def gradient_inputs(node: fx.Node) -> list[fx.Node]:
     """The inputs of ``node`` through which gradient can reach its value."""
-    if node.op == "call_function" and node.target in _NO_GRAD_FUNCTIONS:
+    op = _call_record(node)
+    if op is not None and not op.gradient:
         return []
-    if node.op == "call_method":
-        if node.target in _NO_GRAD_METHODS:
-            return []
-        if node.target in _SELF_ONLY_METHODS:
-            return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
+    if op is not None and op.reads is Reads.FIRST:
+        return _first(node)
     return list(node.all_input_nodes)
 
 
 def value_inputs(node: fx.Node) -> list[fx.Node]:
     """The inputs whose values (not only shapes) ``node`` reads, gradient or not."""
-    if node.op == "call_function" and node.target in _SHAPE_FUNCTIONS:
+    op = _call_record(node)
+    if op is not None and op.reads is Reads.SHAPES:
         return []
-    if node.op == "call_method":
-        if node.target in _SHAPE_METHODS:
-            return []
-        if node.target in _SELF_ONLY_METHODS:
-            return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
+    if op is not None and op.reads is Reads.FIRST:
+        return _first(node)
     return list(node.all_input_nodes)
 
 

@@ -15,16 +15,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
-def cst(t: Tensor) -> Tensor:
-    """The value of ``t``, a constant for the backward."""
-    return t.detach()
-
-
-def swap_backward(value: Tensor, grad_source: Tensor) -> Tensor:
-    """The value of ``value`` with the gradient of ``grad_source`` (bit for bit the value)."""
-    return value.detach() + (grad_source - grad_source.detach())
-
-
 def wanted(ctx, index: int, tensor: Tensor | None) -> bool:
     """Whether the running backward reads the gradient of input ``index`` of a custom Function.
 

@@ -1,10 +1,10 @@
 """Attention rule: the attention probabilities are constants; gradient flows through V only.
 
-Forms: fused ``scaled_dot_product_attention`` (q and k detached, and the call swapped for
-``sdpa.libra_scaled_dot_product_attention``: the same fused forward, a backward that computes
-dV = Aᵀ·dO alone instead of the fused kernel's dq, dk and dv), an explicit
+Forms: fused ``scaled_dot_product_attention`` (q and k detached, and the call swapped for its
+op-table Libra form: the same fused forward, a backward that computes dV = Aᵀ·dO alone instead
+of the fused kernel's dq, dk and dv), an explicit
 ``softmax(...) @ V`` (scale, mask and dropout in between are looked through),
-``nn.MultiheadAttention`` (canonicalised to ``mha.multihead_attention``), and
+``nn.MultiheadAttention`` (canonicalised to one call, then swapped for its Libra form), and
 probabilities that reach their product with an input-dependent value through linear maps with
 constant weights (talking-heads mixing, scaling by constants, sums), detached where the softmax
 is read.
@@ -13,22 +13,49 @@ is read.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ...runtime import mha, sdpa
+from ...runtime.mha import supports_libra_attention
+from .. import optable
 from ..dataflow import Dataflow, gradient_inputs
 from ..graph_utils import arg, detach_use, is_call
-from .base import Rule, is_passthrough, through_passthrough
+from ..opspec import AttentionRead, Replacement
+from .base import Rule, Swap, is_passthrough, libra_form, swap, through_passthrough
+
+
+@dataclass(frozen=True)
+class FusedAttention:
+    """Fused attention with input-dependent q or k: swapped for its Libra form."""
+
+    replacement: Replacement
+
+
+@dataclass(frozen=True)
+class SoftmaxUses:
+    """Probabilities that reach a product with an input-dependent value through linear maps:
+    detached at each of ``uses``."""
+
+    uses: tuple[fx.Node, ...]
+
+
+@dataclass(frozen=True)
+class ProbabilitiesOperand:
+    """The plain ``softmax(...) @ V``: the probabilities are operand ``index`` of the matmul."""
+
+    index: int
 
 _MATMULS = (operator.matmul, torch.bmm, torch.matmul)
 _PRODUCTS = (operator.mul, torch.einsum, *_MATMULS)
 # Linear in their first argument when every other operand is a constant for the backward.
-_LINEAR_IN_FIRST = (F.linear, sdpa.cut_linear, operator.truediv, operator.getitem,
+_LINEAR_IN_FIRST = (*optable.forms(F.linear), operator.truediv, operator.getitem,
                     operator.neg, torch.sum, torch.mean, torch.unbind, torch.chunk,
                     torch.split, torch.select, torch.narrow)
+# A fused q/k/v projection's cut form (its backward leaves out the detached q and k rows).
+_CUT_PROJECTION = optable.record(F.linear).libra
 _SPLITS = (torch.unbind, torch.chunk, torch.split)
 _LINEAR_METHODS = {"sum", "mean", "unbind", "chunk", "split", "select", "narrow"}
 # Linear in each operand when the others are constants (the product by a constant).
@@ -77,22 +104,26 @@ def _projection(value) -> fx.Node | None:
             isinstance(value, fx.Node) and value.op == "call_method"
             and value.target in ("unbind", "chunk", "split")):
         value = value.args[0]
-    return value if is_call(value, F.linear, sdpa.cut_linear) else None
+    return value if is_call(value, *optable.forms(F.linear)) else None
 
 
 def _match(node: fx.Node, flow: Dataflow):
     if not flow.needs_rule(node):
         return None
-    if is_call(node, F.scaled_dot_product_attention):
+    op = optable.call_record(node)
+    replacement = libra_form(node, "attention")
+    if replacement is not None and op.attention is AttentionRead.FUSED:
         q, k = arg(node, 0, "query"), arg(node, 1, "key")
-        return "sdpa" if flow.depends_on_input(q) or flow.depends_on_input(k) else None
-    if is_call(node, mha.multihead_attention):
+        dependent = flow.depends_on_input(q) or flow.depends_on_input(k)
+        return FusedAttention(replacement) if dependent else None
+    if replacement is not None and op.attention is AttentionRead.MODULE:
         module = node.args[0]
         owner = module.graph.owning_module.get_submodule(module.target)
-        return "mha" if mha.supports_libra_attention(owner, node.kwargs) else None
+        return Swap(replacement) if supports_libra_attention(
+            owner, node.kwargs) else None
     if is_call(node, torch.softmax):
         uses = tuple(u for u in node.users if _reaches_product(u, node, flow))
-        return uses or None
+        return SoftmaxUses(uses) if uses else None
     if is_call(node, *_MATMULS) and len(node.args) == 2:
         for i, operand in enumerate(node.args):
             other = node.args[1 - i]
@@ -102,30 +133,28 @@ def _match(node: fx.Node, flow: Dataflow):
                 and flow.depends_on_input(source)
                 and flow.depends_on_input(other)
             ):
-                return i
+                return ProbabilitiesOperand(i)
     return None
 
 
 def _replace(graph: fx.Graph, node: fx.Node, payload) -> str:
-    if payload == "sdpa":
+    if isinstance(payload, FusedAttention):
         q, k = arg(node, 0, "query"), arg(node, 1, "key")
         cut = [p for p in dict.fromkeys((_projection(q), _projection(k))) if p is not None]
         for value in dict.fromkeys((q, k)):
             if isinstance(value, fx.Node):
                 detach_use(graph, node, value)
-        node.target = sdpa.libra_scaled_dot_product_attention
+        words = swap(node, payload.replacement)
         for projection in cut:
-            projection.target = sdpa.cut_linear
-        pruned = f"; {', '.join(p.name for p in cut)} skips q, k rows" if cut else ""
-        return f"q, k detached; fused forward, backward dV = A^T dO{pruned}"
-    if payload == "mha":
-        node.target = mha.libra_multihead_attention
-        return "attention probabilities constant (q, k detached)"
-    if isinstance(payload, tuple):
-        for use in payload:
+            said = swap(projection, _CUT_PROJECTION)
+        return f"{words}; {', '.join(p.name for p in cut)} {said}" if cut else words
+    if isinstance(payload, Swap):
+        return swap(node, payload.replacement)
+    if isinstance(payload, SoftmaxUses):
+        for use in payload.uses:
             detach_use(graph, use, node)
         return "softmax probabilities constant (linear maps of them multiply V)"
-    detach_use(graph, node, node.args[payload])
+    detach_use(graph, node, node.args[payload.index])
     return "softmax probabilities constant"
 
 

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import numbers
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from ...runtime import ops
 from ..dataflow import Dataflow
-from ..graph_utils import arg, detach_use, is_call
-from .base import Rule, through_passthrough
+from ..graph_utils import detach_use, is_call
+from .base import Rule, Swap, libra_form, swap, through_passthrough
+
+
+@dataclass(frozen=True)
+class WrittenGate:
+    """``x * sigmoid(a*x)`` written out (``own``), or a sigmoid gating another branch."""
+
+    gate: fx.Node
+    own: bool
 
 
 def _scaled_copy_of(y, x) -> bool:
@@ -32,39 +39,29 @@ def _scaled_copy_of(y, x) -> bool:
     return False
 
 
-def _match(node: fx.Node, flow: Dataflow):
+def _match(node: fx.Node, flow: Dataflow) -> Swap | WrittenGate | None:
     if not flow.needs_rule(node):
         return None
-    if is_call(node, F.gelu, F.silu, F.glu):
-        return "fused"
+    if (replacement := libra_form(node, "gate")) is not None:
+        return Swap(replacement)
     if is_call(node, operator.mul) and len(node.args) == 2:
         for i, gate in enumerate(node.args):
             x = node.args[1 - i]
             if is_call(gate, torch.sigmoid) and _scaled_copy_of(gate.args[0], x):
-                return "self", gate
+                return WrittenGate(gate, own=True)
         for i, operand in enumerate(node.args):
             gate = through_passthrough(operand)
             if (is_call(gate, torch.sigmoid) and flow.depends_on_input(gate)
                     and flow.depends_on_input(node.args[1 - i])):
-                return "other", operand
+                return WrittenGate(operand, own=False)
     return None
 
 
-def _replace(graph: fx.Graph, node: fx.Node, payload) -> str:
-    if payload == "fused":
-        if node.target is F.gelu:
-            approximate = arg(node, 1, "approximate", "none")
-            node.target, node.args, node.kwargs = ops.libra_gelu, (node.args[0], approximate), {}
-            return f"x*[Phi(x)]cst ({'tanh' if approximate == 'tanh' else 'erf'} GELU)"
-        if node.target is F.glu:
-            x, dim = arg(node, 0, "input"), arg(node, 1, "dim", -1)
-            node.target, node.args, node.kwargs = ops.libra_glu, (x, dim), {}
-            return "a*[sigmoid(b)]cst (GLU)"
-        node.target, node.args, node.kwargs = ops.libra_silu, (arg(node, 0, "input"),), {}
-        return "x*[sigmoid(x)]cst (SiLU)"
-    form, gate = payload
-    detach_use(graph, node, gate)
-    if form == "self":
+def _replace(graph: fx.Graph, node: fx.Node, payload: Swap | WrittenGate) -> str:
+    if isinstance(payload, Swap):
+        return swap(node, payload.replacement)
+    detach_use(graph, node, payload.gate)
+    if payload.own:
         return "x*[sigmoid(a*x)]cst (written-out gate)"
     return "a*[sigmoid(b)]cst (sigmoid gate of another branch)"
 

@@ -9,22 +9,23 @@ where it is used.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from ...runtime import ops
 from ..dataflow import Dataflow
-from ..graph_utils import arg, detach_use, is_call
-from .base import Rule, through_passthrough
+from ..graph_utils import detach_use, is_call
+from .base import Rule, Swap, libra_form, swap, through_passthrough
 
-_FUSED = {
-    F.layer_norm: (ops.libra_layer_norm, "x-mu over [sigma]cst (layer_norm)"),
-    F.group_norm: (ops.libra_group_norm, "x-mu over [sigma]cst per group (group_norm)"),
-    F.rms_norm: (ops.libra_rms_norm, "x*[rsqrt(mean x^2)]cst (rms_norm)"),
-    F.normalize: (ops.libra_normalize, "x/[||x||]cst (normalize)"),
-}
+
+@dataclass(frozen=True)
+class WrittenNorm:
+    """``a / sqrt(stat)``, ``a / ||a||`` or ``a * rsqrt(stat)``: the statistic at ``operand``."""
+
+    operand: int
+
+
 _ROOTS = {torch.sqrt: "sqrt", torch.rsqrt: "rsqrt", torch.norm: "norm",
           torch.linalg.vector_norm: "norm", torch.linalg.norm: "norm", torch.std: "std"}
 _ROOT_METHODS = {"sqrt": "sqrt", "rsqrt": "rsqrt", "norm": "norm", "std": "std"}
@@ -49,40 +50,27 @@ def _statistic(value) -> str | None:
         return None
 
 
-def _match(node: fx.Node, flow: Dataflow):
+def _match(node: fx.Node, flow: Dataflow) -> Swap | WrittenNorm | None:
     if not flow.needs_rule(node):
         return None
-    if node.op == "call_function" and node.target in _FUSED:
-        return "fused"
+    if (replacement := libra_form(node, "norm")) is not None:
+        return Swap(replacement)
     if is_call(node, operator.truediv, operator.mul) and len(node.args) == 2:
         # a / sqrt(stat), a / ||a||, and a * rsqrt(stat) in either order
         slots = (1,) if node.target is operator.truediv else (1, 0)
         wanted = ("sqrt", "norm", "std") if node.target is operator.truediv else ("rsqrt",)
         for i in slots:
             if _statistic(node.args[i]) in wanted and flow.depends_on_input(node.args[i]):
-                return i
+                return WrittenNorm(i)
     return None
 
 
-def _replace(graph: fx.Graph, node: fx.Node, payload) -> str:
-    if payload == "fused":
-        target, words = _FUSED[node.target]
-        x = arg(node, 0, "input")
-        if node.target is F.normalize:
-            args = (x, arg(node, 1, "p", 2.0), arg(node, 2, "dim", 1), arg(node, 3, "eps", 1e-12))
-        elif node.target is F.group_norm:
-            args = (x, arg(node, 1, "num_groups"), arg(node, 2, "weight", None),
-                    arg(node, 3, "bias", None), arg(node, 4, "eps", 1e-5))
-        elif node.target is F.rms_norm:
-            args = (x, arg(node, 1, "normalized_shape"), arg(node, 2, "weight", None),
-                    arg(node, 3, "eps", None))
-        else:
-            args = (x, arg(node, 1, "normalized_shape"), arg(node, 2, "weight", None),
-                    arg(node, 3, "bias", None), arg(node, 4, "eps", 1e-5))
-        node.target, node.args, node.kwargs = target, args, {}
-        return words
-    kind = _statistic(node.args[payload])
-    detach_use(graph, node, node.args[payload])
+def _replace(graph: fx.Graph, node: fx.Node, payload: Swap | WrittenNorm) -> str:
+    if isinstance(payload, Swap):
+        return swap(node, payload.replacement)
+    statistic = node.args[payload.operand]
+    kind = _statistic(statistic)
+    detach_use(graph, node, statistic)
     return f"[{kind}]cst (written-out normalisation)"
 
 

@@ -10,13 +10,22 @@ gate: it is left to the certificate, since what follows it often restores the de
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ...runtime import ops
 from ..dataflow import Dataflow
 from ..graph_utils import is_call
-from .base import Rule
+from ..opspec import Replacement
+from .base import Rule, libra_form
+
+
+@dataclass(frozen=True)
+class Factors:
+    """A product chain of input-dependent ``factors`` and the op that shares its gradient."""
+
+    factors: tuple[fx.Node, ...]
+    replacement: Replacement
 
 
 def _is_gating_product(node, flow: Dataflow) -> bool:
@@ -41,17 +50,18 @@ def _match(node: fx.Node, flow: Dataflow):
     (user,) = node.users if len(node.users) == 1 else (None,)
     if user is not None and _is_gating_product(user, flow) and user.args[0] is node:
         return None  # the outer product of the chain takes this one in
-    return _factors(node, flow)
+    return Factors(tuple(_factors(node, flow)), libra_form(node, "self_gating"))
 
 
-def _replace(graph: fx.Graph, node: fx.Node, factors: list[fx.Node]) -> str:
-    node.target, node.args, node.kwargs = ops.shared_product, tuple(factors), {}
-    return f"product of {len(factors)} input-dependent factors, 1/{len(factors)} each"
+def _replace(graph: fx.Graph, node: fx.Node, payload: Factors) -> str:
+    count = len(payload.factors)
+    node.target, node.args, node.kwargs = payload.replacement.target, payload.factors, {}
+    return f"product of {count} input-dependent factors, 1/{count} each"
 
 
 RULE = Rule(
     name="self_gating",
-    summary="swap_backward(a*b, a*b/n): each of n factors gets 1/n",
+    summary="shared_product(a, b, ...): each of n factors gets 1/n of the gradient",
     match=_match,
     replace=_replace,
 )
