@@ -9,8 +9,7 @@ from torch import nn
 
 from libragrad_fx import LibraError, TraceError, libra_transform
 from libragrad_fx.compiler.frontends.export import export_trace
-
-from .zoo import timm_model
+from tests.zoo import timm_model
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from libragrad_fx import explain
-
-from .hooks import KNOWN_LEAVES, assert_close_rel, gelu_hook, layernorm_hook, perturb
+from tests.hooks import KNOWN_LEAVES, assert_close_rel, gelu_hook, layernorm_hook, perturb
 
 SEED = 0
 BATCH = 2

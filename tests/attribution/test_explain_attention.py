@@ -30,8 +30,7 @@ from torch import Tensor, nn
 
 import libragrad_fx
 from libragrad_fx import explain
-
-from .hooks import KNOWN_LEAVES, assert_close_rel, gelu_hook, layernorm_hook, perturb
+from tests.hooks import KNOWN_LEAVES, assert_close_rel, gelu_hook, layernorm_hook, perturb
 
 SEED = 0
 BATCH = 2

@@ -1,0 +1,1 @@
+"""Smoke tests of benchmarks/ (the repository's benchmark scripts, run --quick)."""

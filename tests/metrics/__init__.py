@@ -1,0 +1,1 @@
+"""Tests of libragrad_fx.metrics."""
