@@ -26,24 +26,19 @@ from libragrad_fx import (
     UncertifiedError,
     libra_transform,
 )
+from tests.harness import completeness_gap
 
 D = 8
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")  # torch.manual_seed(0) before each test
 
 
 def completeness_error(fn, x: torch.Tensor, model: nn.Module) -> float:
     """|f - x df/dx - sum_b b df/db| / |f| for one sample, f the sum of the outputs."""
     bias = [p for name, p in model.named_parameters() if name.endswith("bias")]
     x = x.detach().clone().requires_grad_(True)
-    f = fn(x).sum()
-    gx, *gb = torch.autograd.grad(f, [x, *bias], allow_unused=True)
-    terms = [(b * g).sum() for b, g in zip(bias, gb, strict=True) if g is not None]
-    total = (x * gx).sum() + sum(terms)
-    return ((f - total).abs() / f.abs()).item()
+    return completeness_gap(fn(x).sum(), x, bias)
 
 
 # --- TraceError --------------------------------------------------------------------------------

@@ -9,14 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from libragrad_fx.commands.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")  # torch.manual_seed(0) before each test
 
 
 

@@ -9,7 +9,6 @@ import json
 import re
 
 import pytest
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -18,9 +17,7 @@ from libragrad_fx import libra, libra_transform
 D = 8
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")  # torch.manual_seed(0) before each test
 
 
 
