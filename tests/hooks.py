@@ -13,16 +13,6 @@ RTOL = 1e-4
 KNOWN_LEAVES = (nn.Linear, nn.Conv2d, nn.Identity, nn.Dropout, nn.GELU, nn.LayerNorm)
 
 
-def perturb(model: nn.Module, seed: int) -> nn.Module:
-    """Every parameter + 0.02·N(0, 1), seeded (timm zero-initialises heads), in eval mode."""
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
-
-
 def gelu_hook(module: nn.GELU, args: tuple, output: Tensor) -> Tensor:
     """x · [Φ(x)]cst."""
     assert module.approximate == "none"

@@ -1,12 +1,13 @@
 """What libra_transform refuses, warns about and reports, and what it leaves alone.
 
 Each error test checks the exception type from libragrad_fx.errors and that the message names
-what was wrong and what to do about it.
+what was wrong and what to do about it. The report's JSON and table are tested in
+tests/compiler/test_report.py, the ``report`` command in tests/commands/test_report.py (which
+names TanhNet and D here by import path).
 """
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 
@@ -23,28 +24,21 @@ from libragrad_fx import (
     TraceError,
     TrainingModeError,
     UncertifiedError,
-    libra,
     libra_transform,
 )
-from libragrad_fx.commands.cli import main
+from tests.harness import completeness_gap
 
 D = 8
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")  # torch.manual_seed(0) before each test
 
 
 def completeness_error(fn, x: torch.Tensor, model: nn.Module) -> float:
     """|f - x df/dx - sum_b b df/db| / |f| for one sample, f the sum of the outputs."""
     bias = [p for name, p in model.named_parameters() if name.endswith("bias")]
     x = x.detach().clone().requires_grad_(True)
-    f = fn(x).sum()
-    gx, *gb = torch.autograd.grad(f, [x, *bias], allow_unused=True)
-    terms = [(b * g).sum() for b, g in zip(bias, gb, strict=True) if g is not None]
-    total = (x * gx).sum() + sum(terms)
-    return ((f - total).abs() / f.abs()).item()
+    return completeness_gap(fn(x).sum(), x, bias)
 
 
 # --- TraceError --------------------------------------------------------------------------------
@@ -346,116 +340,6 @@ def test_transformed_graph_shares_the_parameters():
     with torch.no_grad():
         model.head.bias.add_(1.0)
     assert torch.equal(gm(x), model(x))
-
-
-# --- the report --------------------------------------------------------------------------------
-
-
-class ViTBlock(nn.Module):
-    """LayerNorm, fused attention and a GELU MLP, with residuals: every rule but self-gating."""
-
-    def __init__(self):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
-        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
-        self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, D)
-        x = x + self.proj(a)
-        return x + self.mlp(self.norm2(x))
-
-
-def test_report_json_round_trips():
-    report = libra_transform(ViTBlock().eval(), strict=True).libra_report
-    data = report.to_dict()
-    assert json.loads(report.to_json()) == data
-    assert json.loads(report.to_json(indent=None)) == data
-    assert "\n" not in report.to_json(indent=None)
-    assert set(data) == {
-        "model", "frontend", "rules", "counts", "complete", "rewrites", "violations", "bias_sites"}
-    assert data["model"] == "ViTBlock"
-    assert data["counts"] == {"attention": 1, "gate": 1, "norm": 2, "self_gating": 0}
-    assert [r["rule"] for r in data["rewrites"]] == [r.rule for r in report.rewrites]
-    assert {"node", "module", "rule", "op", "action"} <= set(data["rewrites"][0])
-
-
-def test_report_counts_every_enabled_rule_with_zeros():
-    mlp = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, 2)).eval()
-    report = libra_transform(mlp, strict=True).libra_report
-    assert report.counts == {"attention": 0, "gate": 1, "norm": 0, "self_gating": 0}
-
-    report = libra_transform(mlp, rules=libra(norm=False), strict=True).libra_report
-    assert report.counts == {"attention": 0, "gate": 1, "self_gating": 0}
-
-    linear = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, 2)).eval()
-    report = libra_transform(linear, strict=True).libra_report
-    assert report.counts == {"attention": 0, "gate": 0, "norm": 0, "self_gating": 0}
-    assert report.rewrites == [] and report.violations == []
-    assert "(no rewrites)" in str(report)
-
-
-def test_report_text_has_one_row_per_rewrite_and_totals():
-    report = libra_transform(ViTBlock().eval(), strict=True).libra_report
-    lines = str(report).splitlines()
-    rows = [line.split() for line in lines if re.match(r"\d+\s", line)]
-    assert len(rows) == len(report.rewrites) == 4
-    for i, (row, rewrite) in enumerate(zip(rows, report.rewrites, strict=True), 1):
-        assert row[:4] == [str(i), rewrite.node, rewrite.module or "<root>", rewrite.rule]
-    (totals,) = [line for line in lines if line.startswith("totals")]
-    for rule, n in report.counts.items():
-        assert f"{rule} {n}" in totals
-    assert totals.rstrip().endswith("4")
-    assert "certified complete: every gradient path has degree 1" in lines
-
-
-# --- the command line --------------------------------------------------------------------------
-
-
-def test_cli_report_json(capsys):
-    assert main(["report", "vit_tiny_patch16_224", "--json"]) == 0
-    out = capsys.readouterr().out
-    data = json.loads(out)
-    assert data["model"] == "VisionTransformer"
-    assert data["counts"] == {"attention": 12, "gate": 12, "norm": 25, "self_gating": 0}
-    assert data["violations"] == [] and data["complete"] is True
-
-
-def test_cli_report_table_lists_violations(capsys):
-    assert main(["report", "tests.test_errors:TanhNet"]) == 0
-    out = capsys.readouterr().out
-    assert "totals:" in out
-    assert "NOT certified complete: 1 violation(s)" in out and "tanh" in out
-
-
-@pytest.mark.parametrize(
-    ("spec", "named"),
-    [
-        ("vit_no_such_model_xyz", "vit_no_such_model_xyz"),
-        ("open_clip:NoSuchNet", "NoSuchNet"),
-        ("no_such_package_xyz:Model", "no_such_package_xyz"),
-        ("tests.test_errors:D", "not a torch.nn.Module"),
-    ],
-)
-def test_cli_unknown_model_is_a_one_line_error(capsys, spec, named):
-    assert main(["report", spec]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    err = captured.err.strip()
-    assert len(err.splitlines()) == 1
-    assert err.startswith("libragrad-fx: error:")
-    assert named in err
-    assert "Traceback" not in err
-
-
-def test_cli_strict_refusal_is_a_one_line_error(capsys):
-    assert main(["report", "tests.test_errors:TanhNet", "--strict"]) == 2
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert len(err.splitlines()) == 1
-    assert "tanh" in err and "Traceback" not in err
 
 
 class CachingAttentionBias(nn.Module):

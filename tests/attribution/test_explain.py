@@ -28,28 +28,21 @@ from libragrad_fx import (
     libra_transform,
 )
 from libragrad_fx.attribution.explainer import _FORMS
+from tests.harness import perturb
 
 warnings.filterwarnings("ignore", message="No pretrained weights")
 
 
-def _perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=generator))
-    return model.eval()
-
-
 def _vit():
-    return _perturbed(timm.create_model("vit_tiny_patch16_224").eval())
+    return perturb(timm.create_model("vit_tiny_patch16_224").eval())
 
 
 def _mixer():
-    return _perturbed(timm.create_model("mixer_s16_224").eval())
+    return perturb(timm.create_model("mixer_s16_224").eval())
 
 
 def _clip_tower():
-    return _perturbed(open_clip.create_model("ViT-B-32", pretrained=None).visual.eval())
+    return perturb(open_clip.create_model("ViT-B-32", pretrained=None).visual.eval())
 
 
 BUILDERS = {"vit_tiny": _vit, "mixer": _mixer, "clip_tower": _clip_tower}
@@ -66,7 +59,7 @@ def vit():
     """A small ViT (4 blocks, 64x64 images, 17 tokens) for what any ViT shows."""
     torch.manual_seed(2)
     model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4)
-    return _perturbed(model.eval()), torch.randn(2, 3, 64, 64)
+    return perturb(model.eval()), torch.randn(2, 3, 64, 64)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -168,7 +161,7 @@ def test_probability_and_callable_targets(vit):
 
 @pytest.fixture(scope="module")
 def clip():
-    model = _perturbed(open_clip.create_model("ViT-B-32", pretrained=None), seed=3)
+    model = perturb(open_clip.create_model("ViT-B-32", pretrained=None), seed=3)
     torch.manual_seed(4)
     return model, torch.randn(1, 3, 224, 224)
 
@@ -193,7 +186,7 @@ def test_one_image_two_prompts_give_two_maps(clip):
 
 
 def test_the_forms_are_compiled_once_and_released_with_the_model():
-    model = _perturbed(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2).eval())
+    model = perturb(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2).eval())
     x = torch.randn(1, 3, 64, 64)
     explain(model, x, target=0, method="gradient")
     forms = _FORMS[model]
@@ -229,7 +222,7 @@ def test_text_target_needs_a_text_tower(vit):
 
 
 def test_class_token_method_without_a_class_token():
-    model = _perturbed(timm.create_model("vit_tiny_patch16_224", class_token=False,
+    model = perturb(timm.create_model("vit_tiny_patch16_224", class_token=False,
                                          global_pool="avg", img_size=64, depth=2))
     x = torch.randn(1, 3, 64, 64)
     with pytest.raises(InputError, match="no class token.*query='mean'"):
@@ -253,7 +246,7 @@ def test_a_model_in_training_mode_is_refused():
 
 
 def test_attention_method_on_a_model_without_attention():
-    model = _perturbed(timm.create_model("mixer_s16_224", img_size=64).eval())
+    model = perturb(timm.create_model("mixer_s16_224", img_size=64).eval())
     with pytest.raises(LibraError, match="block blocks.0 of MlpMixer has no attention"):
         explain(model, torch.randn(1, 3, 64, 64), target=0, method="rollout")
 
@@ -278,7 +271,7 @@ def test_torchvision_blocks_named_with_a_stem():
     from torchvision.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(3)
-    model = _perturbed(VisionTransformer(image_size=64, patch_size=16, num_layers=3, num_heads=2,
+    model = perturb(VisionTransformer(image_size=64, patch_size=16, num_layers=3, num_heads=2,
                                          hidden_dim=32, mlp_dim=64, num_classes=10).eval())
     x = torch.randn(2, 3, 64, 64)
     libra = explain(model, x, target=3, method="fullgrad+")

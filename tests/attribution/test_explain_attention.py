@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 import libragrad_fx
 from libragrad_fx import explain
-from tests.hooks import KNOWN_LEAVES, assert_close_rel, gelu_hook, layernorm_hook, perturb
+from tests.harness import perturb
+from tests.hooks import KNOWN_LEAVES, assert_close_rel, gelu_hook, layernorm_hook
 
 SEED = 0
 BATCH = 2

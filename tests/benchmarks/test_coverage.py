@@ -13,6 +13,8 @@ from benchmarks.coverage_report import render, write_report
 from benchmarks.coverage_run import COMPLETE_TOL, describe_error, run_model
 from libragrad_fx import TraceError
 
+pytestmark = pytest.mark.bench  # see [tool.pytest.ini_options] markers
+
 NUMERIC = ("timm:test_vit", "timm:test_convnext", "timm:test_resnet")
 TRANSFORMERS = ("timm:test_vit", "timm:test_convnext")  # LayerNorm and GELU: incomplete as is
 STATIC = ("open_clip:ViT-S-32", "timm:vit_tiny_patch16_224")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import explain_memory
+
+pytestmark = pytest.mark.bench  # see [tool.pytest.ini_options] markers
 
 
 def test_quick_rows_and_increment_follows_chunk(tmp_path):

@@ -14,6 +14,8 @@ import pytest
 
 from benchmarks import faithfulness
 
+pytestmark = pytest.mark.bench  # see [tool.pytest.ini_options] markers
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

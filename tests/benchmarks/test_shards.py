@@ -6,10 +6,13 @@ from __future__ import annotations
 import ast
 import os
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks import shards
+
+pytestmark = pytest.mark.bench  # see [tool.pytest.ini_options] markers
 
 
 def _work(index: int) -> tuple[int, int]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
 from benchmarks import speed
+
+pytestmark = pytest.mark.bench  # see [tool.pytest.ini_options] markers
 
 
 def test_quick_run_times_every_contender(tmp_path):

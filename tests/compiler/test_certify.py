@@ -34,6 +34,7 @@ from libragrad_fx import (
     libra,
     libra_transform,
 )
+from tests.harness import completeness_terms, jitter
 
 B, T, D_IN, D, C = 2, 4, 5, 6, 3
 EPS = 1e-5
@@ -41,9 +42,7 @@ COMPLETE, BROKEN = 1e-8, 1e-3  # relative error below / above which the numbers 
 AGREE = 1e-10  # completeness_error against the reference, per term, relative to |f|
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")  # torch.manual_seed(0) before each test
 
 
 # --- the reference: written out by hand, never calls libragrad_fx ------------------------------
@@ -62,13 +61,8 @@ def reference_terms(fn, x: torch.Tensor, leaves: list[torch.Tensor], target=0):
     rows = []
     for i in range(x.shape[0]):
         xi = x[i:i + 1].detach().clone().requires_grad_(True)
-        f = score_of(fn(xi), target, i)
-        gx, *gb = torch.autograd.grad(f, [xi, *leaves], allow_unused=True)
-        bias = torch.zeros((), dtype=x.dtype)
-        for b, g in zip(leaves, gb, strict=True):
-            if g is not None:
-                bias = bias + (b * g).sum()
-        rows.append(torch.stack([f, (xi * gx).sum(), bias]).detach())
+        terms = completeness_terms(score_of(fn(xi), target, i), xi, leaves)
+        rows.append(torch.stack(terms).detach())
     table = torch.stack(rows)
     return table[:, 0], table[:, 1], table[:, 2]
 
@@ -93,11 +87,7 @@ def transform(model: nn.Module, rules=None) -> LibraGraphModule:
 
 def perturb(model: nn.Module, scale: float = 0.5) -> nn.Module:
     """float64, eval, and no zero biases or unit scales left."""
-    model = model.double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model
+    return jitter(model.double().eval(), scale)
 
 
 def nodes_of(gm) -> dict:

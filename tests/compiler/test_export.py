@@ -9,6 +9,7 @@ from torch import nn
 
 from libragrad_fx import LibraError, TraceError, libra_transform
 from libragrad_fx.compiler.frontends.export import export_trace
+from tests.harness import perturb
 from tests.zoo import timm_model
 
 
@@ -141,19 +142,10 @@ def input_grad(gm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def perturbed(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random nonzero weights everywhere (timm zero-initialises some heads)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
-
-
 @pytest.fixture(scope="module")
 def vit():
     # ViT-Tiny as it is (12 blocks, width 192), at 64x64 pixels to keep the test fast
-    model = perturbed(timm_model("vit_tiny_patch16_224", img_size=64))
+    model = perturb(timm_model("vit_tiny_patch16_224", img_size=64))
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     before = snapshot(model)
     gm = libra_transform(model, frontend="export", example_inputs=(x,))
@@ -194,7 +186,7 @@ def test_vit_model_is_unchanged_and_shared(vit):
 
 
 def test_vit_input_gradient_matches_the_fx_frontend_in_float64():
-    model = perturbed(timm_model("vit_tiny_patch16_224", img_size=32)).double()
+    model = perturb(timm_model("vit_tiny_patch16_224", img_size=32)).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     exported = libra_transform(model, frontend="export", example_inputs=(x,))
     traced = libra_transform(model, frontend="fx")

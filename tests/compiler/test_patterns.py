@@ -35,6 +35,7 @@ from torch import Tensor, nn
 import libragrad_fx
 from libragrad_fx import LibraWarning, libra_transform
 from libragrad_fx.runtime import mha, ops
+from tests.harness import completeness_gap, gradients, jitter, readout
 
 DT = torch.float64
 D_IN, D, D_OUT, HEADS, TOKENS, BATCH = 6, 8, 3, 2, 5, 2
@@ -44,9 +45,7 @@ EPS = 1e-5
 RULES = ("attention", "gate", "norm", "self_gating")
 
 
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")  # torch.manual_seed(0) before each test
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -54,21 +53,6 @@ def _seed() -> None:
 
 def counts(**nonzero: int) -> dict[str, int]:
     return {rule: nonzero.get(rule, 0) for rule in RULES}
-
-
-def readout(out) -> Tensor:
-    """A fixed random linear readout of the model output, so that f is a scalar."""
-    out = out[0] if isinstance(out, tuple) else out
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    return (out * weights).sum()
-
-
-def gradients(fn: Callable, x: Tensor, params: list[Tensor]) -> list[Tensor]:
-    """d readout(fn(x)) / d (x, *params); zeros where a tensor gets no gradient."""
-    x = x.detach().clone().requires_grad_(True)
-    grads = torch.autograd.grad(readout(fn(x)), [x, *params], allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for t, g in zip([x, *params], grads,
-                                                                  strict=True)]
 
 
 def bn_implicit_bias(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
@@ -90,18 +74,14 @@ def completeness_error(fn: Callable, x: Tensor, biases: list[Tensor],
     biases = [b for b in biases if all(b is not beta for beta in betas)]
     x = x.detach().clone().requires_grad_(True)
     f = readout(fn(x))
-    gx, *grads = torch.autograd.grad(f, [x, *biases, *betas], allow_unused=True)
     values = [*biases, *(bn_implicit_bias(bn) for bn in batch_norms)]
-    terms = [(b * g).sum() for b, g in zip(values, grads, strict=True) if g is not None]
-    total = (x * gx).sum() + sum(terms)
-    return ((f - total).abs() / f.abs()).item()
+    return completeness_gap(f, x, [*biases, *betas], values)
 
 
 def perturb(model: nn.Module) -> nn.Module:
     """Non-trivial values for every parameter, and running statistics for every BatchNorm."""
+    jitter(model)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.5 * torch.randn_like(p))
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.normal_()
@@ -215,6 +195,20 @@ def ref_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None
     if attn_mask is not None:
         scores = scores + attn_mask
     return scores.softmax(-1).detach() @ v
+
+
+def mha_projections(m: nn.MultiheadAttention) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """(w_q, w_k, w_v), (b_q, b_k, b_v) of ``m``: packed in in_proj_weight, or separate."""
+    if m._qkv_same_embed_dim:
+        weights = m.in_proj_weight.chunk(3)
+    else:
+        weights = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
+    return weights, m.in_proj_bias.chunk(3)
+
+
+def heads(y: Tensor, b: int) -> Tensor:
+    """(b, t, D) -> (b, HEADS, t, HEAD_DIM)."""
+    return y.reshape(b, y.shape[1], HEADS, HEAD_DIM).transpose(1, 2)
 
 
 @contextmanager
@@ -764,17 +758,9 @@ class ClipPool(nn.Module):
                              pool.ln_k.eps)
         query = ref_layer_norm(pool.query, pool.ln_q.normalized_shape, pool.ln_q.weight,
                                pool.ln_q.bias, pool.ln_q.eps)
-        if m._qkv_same_embed_dim:
-            w_q, w_k, w_v = m.in_proj_weight.chunk(3)
-        else:
-            w_q, w_k, w_v = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
-        b_q, b_k, b_v = m.in_proj_bias.chunk(3)
-
-        def heads(y):
-            return y.reshape(b, y.shape[1], HEADS, HEAD_DIM).transpose(1, 2)
-
-        q = heads(F.linear(query, w_q, b_q).unsqueeze(0).expand(b, -1, -1))
-        k, v = heads(F.linear(ctx, w_k, b_k)), heads(F.linear(ctx, w_v, b_v))
+        (w_q, w_k, w_v), (b_q, b_k, b_v) = mha_projections(m)
+        q = heads(F.linear(query, w_q, b_q).unsqueeze(0).expand(b, -1, -1), b)
+        k, v = heads(F.linear(ctx, w_k, b_k), b), heads(F.linear(ctx, w_v, b_v), b)
         out = ref_sdpa(q, k, v).transpose(1, 2).reshape(b, -1, D)
         return self.out(m.out_proj(out))
 
@@ -902,17 +888,9 @@ def test_cross_attention_mha_gradients(kdim, batch_first):
     def reference(x):
         kv = x if batch_first else x.transpose(0, 1)
         b = kv.shape[0]
-        if m._qkv_same_embed_dim:
-            w_q, w_k, w_v = m.in_proj_weight.chunk(3)
-        else:
-            w_q, w_k, w_v = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
-        b_q, b_k, b_v = m.in_proj_bias.chunk(3)
-
-        def heads(y):
-            return y.reshape(b, y.shape[1], HEADS, HEAD_DIM).transpose(1, 2)
-
-        q = heads(F.linear(model.query, w_q, b_q).unsqueeze(0).expand(b, -1, -1))
-        k, v = heads(F.linear(kv, w_k, b_k)), heads(F.linear(kv, w_v, b_v))
+        (w_q, w_k, w_v), (b_q, b_k, b_v) = mha_projections(m)
+        q = heads(F.linear(model.query, w_q, b_q).unsqueeze(0).expand(b, -1, -1), b)
+        k, v = heads(F.linear(kv, w_k, b_k), b), heads(F.linear(kv, w_v, b_v), b)
         out = m.out_proj(ref_sdpa(q, k, v, model.mask).transpose(1, 2).reshape(b, -1, D))
         return out if batch_first else out.transpose(0, 1)
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from libragrad_fx import LibraWarning, libra, libra_transform
+from tests.harness import completeness_gap, gradients, jitter, readout
 
 D_IN, D, D_OUT, HEADS, TOKENS, BATCH = 6, 8, 3, 2, 5, 2
 HEAD_DIM = D // HEADS
@@ -30,9 +31,7 @@ EPS = 1e-5
 RULES = ("attention", "gate", "norm", "self_gating")
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")  # torch.manual_seed(0) before each test
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -48,21 +47,6 @@ def causal_mask(n: int = TOKENS) -> torch.Tensor:
     return torch.full((n, n), float("-inf"), dtype=torch.float64).triu(1)
 
 
-def readout(out) -> torch.Tensor:
-    """A fixed random linear readout of the model output, so that f is a scalar."""
-    out = out[0] if isinstance(out, tuple) else out
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    return (out * weights).sum()
-
-
-def gradients(fn, x: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """d readout(fn(x)) / d (x, *params); zeros where a tensor gets no gradient."""
-    x = x.detach().clone().requires_grad_(True)
-    grads = torch.autograd.grad(readout(fn(x)), [x, *params], allow_unused=True)
-    tensors = [x, *params]
-    return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads, strict=True)]
-
-
 def biases(model: nn.Module) -> list[torch.Tensor]:
     """The parameters that enter additively: every test module names them ``...bias``."""
     return [p for name, p in model.named_parameters() if name.endswith("bias")]
@@ -72,23 +56,11 @@ def completeness_error(fn, x: torch.Tensor, bias_params: list[torch.Tensor]) -> 
     """|f - sum x df/dx - sum_b b df/db| / |f| for one sample."""
     assert x.shape[0] == 1, "completeness is per sample"
     x = x.detach().clone().requires_grad_(True)
-    f = readout(fn(x))
-    gx, *gb = torch.autograd.grad(f, [x, *bias_params], allow_unused=True)
-    terms = [(b * g).sum() for b, g in zip(bias_params, gb, strict=True) if g is not None]
-    total = (x * gx).sum() + sum(terms)
-    return ((f - total).abs() / f.abs()).item()
-
-
-def perturb(model: nn.Module) -> nn.Module:
-    """Random non-trivial values for every parameter (no zero biases, no unit norm scales)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    return model
+    return completeness_gap(readout(fn(x)), x, bias_params)
 
 
 def build(block: nn.Module) -> Sandwich:
-    return perturb(Sandwich(block).double()).eval()
+    return jitter(Sandwich(block).double()).eval()
 
 
 def random_input(batch: int = BATCH) -> torch.Tensor:
@@ -285,7 +257,7 @@ class MhaOutputs(nn.Module):
 def test_multihead_attention_returns_the_modules_output_and_weights(
     batch_first, need_weights, masked
 ):
-    model = perturb(MhaOutputs(batch_first, need_weights, masked)).eval()
+    model = jitter(MhaOutputs(batch_first, need_weights, masked)).eval()
     gm = libra_transform(model, strict=True)
     shape = (BATCH, TOKENS, D) if batch_first else (TOKENS, BATCH, D)
     x = torch.randn(shape, dtype=torch.float64)
@@ -300,7 +272,7 @@ def test_multihead_attention_returns_the_modules_output_and_weights(
 
 def test_multihead_attention_forward_is_the_modules_under_no_grad():
     """Without autograd nn.MultiheadAttention takes its native fast path: so must the graph."""
-    model = perturb(MhaOutputs(batch_first=True, need_weights=False, masked=False)).eval()
+    model = jitter(MhaOutputs(batch_first=True, need_weights=False, masked=False)).eval()
     gm = libra_transform(model, strict=True)
     x = torch.randn(BATCH, TOKENS, D, dtype=torch.float64)
     with torch.no_grad():

@@ -30,6 +30,7 @@ from timm.layers import GluMlp, SwiGLU
 from torch import Tensor, nn
 
 from libragrad_fx import LibraWarning, libra_transform
+from tests.harness import perturb
 from tests.zoo import ClipTextFromEmbeddings, clip_tokens
 
 BATCH = 2
@@ -93,19 +94,10 @@ def one_thread() -> Iterator[None]:
 # --- models --------------------------------------------------------------------------------
 
 
-def perturb_(model: nn.Module, seed: int = SEED) -> nn.Module:
-    """Add 0.02 * N(0, 1) to every parameter, so that no output is exactly zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
-
-
 @pytest.fixture(scope="module")
 def clip_model() -> nn.Module:
     torch.manual_seed(SEED)
-    return perturb_(open_clip.create_model("ViT-B-32", pretrained=None)).eval()
+    return perturb(open_clip.create_model("ViT-B-32", pretrained=None), SEED).eval()
 
 
 def build(name: str, request: pytest.FixtureRequest) -> tuple[nn.Module, Tensor]:
@@ -113,7 +105,7 @@ def build(name: str, request: pytest.FixtureRequest) -> tuple[nn.Module, Tensor]
     gen = torch.Generator().manual_seed(SEED + 1)
     if name in TIMM_MODELS:
         torch.manual_seed(SEED)
-        model = perturb_(timm.create_model(name, pretrained=False, **TIMM_MODELS[name])).eval()
+        model = perturb(timm.create_model(name, pretrained=False, **TIMM_MODELS[name]), SEED).eval()
         size = TIMM_MODELS[name].get("img_size", 224)
         return model, torch.randn(BATCH, 3, size, size, generator=gen)
     clip = request.getfixturevalue("clip_model")
