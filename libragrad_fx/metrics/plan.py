@@ -28,8 +28,8 @@ def ranks(scores: Tensor, seed: int) -> Tensor:
 class Plan:
     """The rows (curve, fraction, sample), their order, chunks and scores."""
 
-    def __init__(self, rank: Tensor, removed: Tensor, goal: Target, size: int, progress: bool):
-        self.rank, self.removed, self.goal, self.size = rank, removed, goal, size
+    def __init__(self, rank: Tensor, removed: Tensor, objective: Target, size: int, progress: bool):
+        self.rank, self.removed, self.objective, self.size = rank, removed, objective, size
         self.progress = progress
         batch, device = rank.shape[0], rank.device
         rows = []  # the most removed first: the first chunk is the test that dropping works
@@ -39,7 +39,7 @@ class Plan:
                     torch.tensor(curve, device=device), torch.tensor(j, device=device),
                     torch.arange(batch, device=device))))
         self.curve, self.fraction, self.sample = torch.cat(rows, 1)
-        table = goal.table
+        table = objective.table
         self.classes = (None if table is None or table.is_floating_point()
                         else table.to(device).expand(batch))
 
@@ -70,7 +70,7 @@ class Plan:
                 rank = self.rank[sample]
                 gone = torch.where(curve[:, None] == 0, rank < k, rank >= patches - k)
                 output = run(sample, gone)
-                value = self.goal.take(sample).score(output, False)
+                value = self.objective.take(sample).score(output, False)
                 probability[curve, sample, fraction] = value.double()
                 if self.classes is not None:
                     hit = output.argmax(-1) == self.classes[sample]

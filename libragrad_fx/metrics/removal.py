@@ -21,10 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from ..attribution import Explainer, Explanation
+from ..attribution.stream import TokenStream
 from ..attribution.targets import resolve
 from ..errors import InputError, TrainingModeError
 from .plan import Plan, ranks
-from .removers import CannotDrop, Pixels, Stream
+from .removers import CannotDrop, PixelRemover, TokenRemover
 
 FRACTIONS = tuple(i / 10 for i in range(10))  # 0.0, 0.1, ..., 0.9
 MODES = ("auto", "drop", "zero", "pixel")
@@ -125,31 +126,33 @@ def token_removal(model: nn.Module | Explainer, x: Tensor, attribution: Tensor |
     if not isinstance(model, (nn.Module, Explainer)):
         raise InputError(f"token_removal needs a torch.nn.Module, got {type(model).__name__}")
     explainer = Explainer.cached(model, blocks)
-    goal = resolve(target, explainer.model, score="probability")
-    if goal.count is not None and goal.count != batch:
-        raise InputError(f"{goal.count} targets for a batch of {batch} images; pass one "
+    objective = resolve(target, explainer.model, score="probability")
+    if objective.count is not None and objective.count != batch:
+        raise InputError(f"{objective.count} targets for a batch of {batch} images; pass one "
                          "target, or one per image")
     rank = ranks(scores.to(x.device), seed)
-    plan = Plan(rank, removed.to(x.device), goal, internal_batch_size, progress)
+    plan = Plan(rank, removed.to(x.device), objective, internal_batch_size, progress)
     fallback = None
     if mode == "pixel":
         tower = explainer.tower
         if any(m.training for m in tower.modules()):
             raise TrainingModeError("the model is in training mode; call model.eval() first")
-        result = plan.evaluate(Pixels(tower, x, grid, patches, fill), split=False, desc="pixel")
+        remover = PixelRemover(tower, x, grid, patches, fill)
+        result = plan.evaluate(remover, split=False, desc="pixel")
         used = "pixel"
     else:
-        stream = Stream(explainer.any_form(x), x, grid, patches, internal_batch_size)
+        remover = TokenRemover(TokenStream(explainer.any_compiled(x), x), x, grid, patches,
+                               internal_batch_size)
         result, used = None, mode
         if mode in ("auto", "drop"):
             try:
-                result, used = plan.evaluate(stream.dropping, split=True, desc="drop"), "drop"
+                result, used = plan.evaluate(remover.dropping, split=True, desc="drop"), "drop"
             except CannotDrop as exc:
                 if mode == "drop":
                     raise InputError(f"cannot drop tokens from this model: {exc}") from exc
                 fallback = str(exc)
         if result is None:
-            result, used = plan.evaluate(stream.zeroing, split=False, desc="zero"), "zero"
+            result, used = plan.evaluate(remover.zeroing, split=False, desc="zero"), "zero"
     probability, accuracy = result
     return RemovalCurves(fraction, probability[0], probability[1], accuracy[0], accuracy[1],
                          used, removed, fallback)
