@@ -78,10 +78,10 @@ def measure(model: nn.Module, method: str, libra: bool, single, two, quick: bool
     options = _options(method, quick)
     x, labels = single.images, single.labels
     if method in ATTENTION:
-        form = explainer.any_form(x)
-        if all(site is None for site in form.structure.attention):
+        compiled = explainer.any_compiled(x)
+        if all(site is None for site in compiled.structure.attention):
             return None  # a Mixer: nothing to read
-        if form.layout(x).cls is None:  # mean pooling: average the query rows instead
+        if compiled.layout(x).cls is None:  # mean pooling: average the query rows instead
             options["query"] = "mean"
     e = explain(explainer, x, target=labels, method=method, libra=libra, **options)
     curves = token_removal(explainer, x, e, labels, internal_batch_size=512)

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .engine import Needs, Pass
-from .methods import Method, _io
+from .engine import Needs, Readout
+from .methods import block_io, zero
 from .tokens import Layout
 
 
@@ -40,37 +40,38 @@ def _weighted(a: Tensor, grad: Tensor) -> Tensor:
     return (grad * a).clamp_min(0).mean(1)
 
 
-def _attention(p: Pass, layout: Layout, n: int, query: str):
-    return row(p.attention[-1][0].mean(1), layout, query, "attention")
+def attention(p: Readout, layout: Layout, n: int, query: str) -> tuple[Tensor, Tensor]:
+    return row(p.attention[-1][0].mean(1), layout, query, "attention"), zero(p)
 
 
-def _rollout(p: Pass, layout: Layout, n: int, query: str):
+def rollout(p: Readout, layout: Layout, n: int, query: str) -> tuple[Tensor, Tensor]:
     r = None
     for a, _ in p.attention:
         step = 0.5 * _eye(a) + 0.5 * a.mean(1)
         r = step if r is None else step @ r
-    return row(r, layout, query, "rollout")
+    return row(r, layout, query, "rollout"), zero(p)
 
 
-def _genatt(p: Pass, layout: Layout, n: int, query: str):
+def genatt(p: Readout, layout: Layout, n: int, query: str) -> tuple[Tensor, Tensor]:
     eye = _eye(p.attention[0][0])
     r = eye
     for a, grad in p.attention:
         r = r + _weighted(a, grad) @ r
-    return row(r - eye, layout, query, "genatt")
+    return row(r - eye, layout, query, "genatt"), zero(p)
 
 
-def _gradsam(p: Pass, layout: Layout, n: int, query: str):
+def gradsam(p: Readout, layout: Layout, n: int, query: str) -> tuple[Tensor, Tensor]:
     total = sum(_weighted(a, grad) for a, grad in p.attention) / len(p.attention)
-    return row(total, layout, query, "gradsam")
+    return row(total, layout, query, "gradsam"), zero(p)
 
 
-def _attcat(p: Pass, layout: Layout, n: int, query: str):
-    return sum(row(a.mean(1), layout, query, "attcat") * _io(p, layer)
-               for layer, (a, _) in enumerate(p.attention))
+def attcat(p: Readout, layout: Layout, n: int, query: str) -> tuple[Tensor, Tensor]:
+    total = sum(row(a.mean(1), layout, query, "attcat") * block_io(p, layer)
+                for layer, (a, _) in enumerate(p.attention))
+    return total, zero(p)
 
 
-def _tokentm(p: Pass, layout: Layout, n: int, query: str):
+def tokentm(p: Readout, layout: Layout, n: int, query: str) -> tuple[Tensor, Tensor]:
     """GenAtt's aggregation with each layer's source tokens weighted by how far the block moves
     them, ‖h_{l+1} − h_l‖ / ‖h_l‖ (normalised to mean 1): a TokenTM-style variant."""
     eye = _eye(p.attention[0][0])
@@ -81,33 +82,16 @@ def _tokentm(p: Pass, layout: Layout, n: int, query: str):
         length = (after - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-12)
         length = length / length.mean(-1, keepdim=True).clamp_min(1e-12)
         r = r + (_weighted(a, grad) * length[:, None, :]) @ r
-    return row(r - eye, layout, query, "tokentm")
+    return row(r - eye, layout, query, "tokentm"), zero(p)
 
 
-def _wrap(fn):
-    def compute(p: Pass, layout: Layout, n: int, query: str = "cls"):
-        return fn(p, layout, n, query), p.score.new_zeros(p.score.shape[0])
-    return compute
+def attention_needs(n: int) -> Needs:
+    return Needs(attention=True)
 
 
-def _all_blocks(n: int) -> Needs:
+def attention_and_blocks(n: int) -> Needs:
     return Needs(blocks=tuple(range(n)), attention=True)
 
 
-ATTENTION_METHODS = {
-    m.name: m for m in (
-        Method("attention", lambda n: Needs(attention=True), _wrap(_attention),
-               "mean-head attention of the last block, class row"),
-        Method("rollout", lambda n: Needs(attention=True), _wrap(_rollout),
-               "Π_l (½I + ½Ā_l), class row"),
-        Method("genatt", lambda n: Needs(attention=True), _wrap(_genatt),
-               "R ← R + mean_h ReLU(∇A ⊙ A) R (Chefer et al. 2021b)"),
-        Method("gradsam", lambda n: Needs(attention=True), _wrap(_gradsam),
-               "mean over layers and heads of ReLU(∇A) ⊙ A"),
-        Method("attcat", _all_blocks, _wrap(_attcat),
-               "Σ_l Ā_l[cls] ⊙ Σ_c h_l ⊙ g_l"),
-        Method("tokentm", lambda n: Needs(blocks=tuple(range(n)), attention=True,
-                                         stream_out=True), _wrap(_tokentm),
-               "GenAtt weighted by the length of each token's transformation"),
-    )
-}
+def transformation_needs(n: int) -> Needs:
+    return Needs(blocks=tuple(range(n)), attention=True, stream_out=True)

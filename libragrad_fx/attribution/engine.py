@@ -1,6 +1,7 @@
-"""One compiled form of a model (vanilla or LibraGrad) and the forward-backward passes on it.
+"""``CompiledModel``: one compiled form of a model (vanilla or LibraGrad), and ``run``, one
+forward-backward on it whose ``Readout`` is what the methods compute from.
 
-A pass taps what a method needs (block inputs, bias-site operands, attention operands) as
+A run taps what a method needs (block inputs, bias-site operands, attention operands) as
 extra graph outputs and takes every gradient in one ``torch.autograd.grad`` call, batched.
 Both forms run the same code; only the graph differs.
 """
@@ -28,7 +29,7 @@ from .tokens import Layout, measure_layout
 
 @dataclass(frozen=True)
 class Needs:
-    """What a method reads from a pass."""
+    """What a method reads from a forward-backward run."""
 
     blocks: tuple[int, ...] = ()  # block inputs (value and gradient); negative counts back
     sites: bool = False  # bias maps
@@ -38,8 +39,8 @@ class Needs:
 
 
 @dataclass
-class Pass:
-    """What one forward-backward gave, token axes in the layout's order (prefix first)."""
+class Readout:
+    """What one forward-backward run read, token axes in the layout's order (prefix first)."""
 
     score: Tensor
     h: dict[int, Tensor] = field(default_factory=dict)  # (B, T, C)
@@ -50,11 +51,11 @@ class Pass:
     input_grad: Tensor | None = None
 
 
-class Form:
+class CompiledModel:
     """``model`` compiled once, with LibraGrad's rules (``libra=True``) or none.
 
     It keeps the compiled graph (which shares the model's parameters and submodules), not the
-    model itself, so a cache of forms does not keep a dropped model alive.
+    model itself, so a cache of compiled models does not keep a dropped model alive.
     """
 
     def __init__(self, model: nn.Module, libra: bool, example: Tensor,
@@ -102,7 +103,7 @@ class Form:
             self._probes[key] = Probe(self.gm, taps, start)
         return self._probes[key]
 
-    def run(self, x: Tensor, target: Target, needs: Needs) -> Pass:
+    def run(self, x: Tensor, target: Target, needs: Needs) -> Readout:
         """One forward and one backward on the batch ``x``."""
         blocks, sites, att = self._selected(needs)
         layout = self.layout(x) if (blocks or sites or att or needs.stream_out) else None
@@ -122,7 +123,7 @@ class Form:
             tensors = [values[n] for n in wanted] + ([x] if with_x else [])
             grads = _gradients(score, tensors)
         grad_of = dict(zip(wanted, grads[:len(wanted)], strict=True))
-        result = Pass(score.detach(), input_grad=grads[-1] if needs.input_grad else None)
+        result = Readout(score.detach(), input_grad=grads[-1] if needs.input_grad else None)
         for i in blocks:
             node = st.inputs[i]
             result.h[i] = _tokens_last(layout, node, values[node].detach())

@@ -1,35 +1,29 @@
 """explain(): every method in a vanilla and a LibraGrad form, from one switch.
 
 An ``Explainer`` compiles the model once per form (``libra_transform`` with the rules, or with
-none) and runs any method on either; ``explain(model, ...)`` keeps one Explainer per model in a
-weak cache, so repeated calls do not recompile and a model that is dropped is not kept alive.
+none) and runs any method of the registry on either; ``explain(model, ...)`` keeps one
+Explainer's compiled models per model in a weak cache, so repeated calls do not recompile and
+a model that is dropped is not kept alive.
 """
 
 from __future__ import annotations
 
+import textwrap
 import weakref
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from torch import Tensor, nn
 
 from ..errors import InputError, LibraError
-from .attention_methods import ATTENTION_METHODS
-from .engine import Form
+from .engine import CompiledModel
 from .explanation import Explanation
-from .methods import GRADIENT_METHODS
-from .multipass import integrated_gradients, smoothgrad
-from .single import SINGLE_PASS, single
+from .registry import configure, describe
 from .targets import has_text_tower, resolve
 
-METHODS = (*SINGLE_PASS, "integrated_gradients", "smoothgrad")
-PIXEL_METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "fullgrad",
-                 "fullgrad+")
-_COMMON = {"score", "tokenizer"}
-_OPTIONS = {
-    **{name: _COMMON for name in GRADIENT_METHODS},
-    **{name: _COMMON | {"query"} for name in ATTENTION_METHODS},
-    "integrated_gradients": _COMMON | {"steps", "baseline", "internal_batch_size", "rule"},
-    "smoothgrad": _COMMON | {"base", "samples", "noise", "seed", "internal_batch_size", "query"},
-}
+# (libra, blocks, frontend, input signature): the signature (x.shape[1:], dtype) only for a
+# graph from torch.export, which is fixed to its example's shapes; None for any other graph
+Key = tuple[bool, str | None, str, tuple | None]
 
 
 class _ImageTower(nn.Module):
@@ -45,7 +39,7 @@ class _ImageTower(nn.Module):
 
 
 class Explainer:
-    """Attributions for one model; both forms compiled on first use and kept.
+    """Attributions for one model; each form compiled on first use and kept.
 
     ``blocks`` names the repeated blocks (``"blocks"``, ``"transformer.resblocks"``) where the
     graph does not make them clear; ``frontend`` is passed to ``libra_transform``.
@@ -58,27 +52,46 @@ class Explainer:
         self.model = model
         self.tower = _ImageTower(model) if has_text_tower(model) else model
         self.blocks, self.frontend = blocks, frontend
-        self._forms: dict = {} if _forms is None else _forms
+        self._forms: dict[Key, CompiledModel] = {} if _forms is None else _forms
 
-    def form(self, libra: bool, x: Tensor) -> Form:
-        key = (libra, self.blocks, self.frontend)
-        if key not in self._forms:
-            blocks = self.blocks if self.tower is self.model or self.blocks is None else (
-                f"clip.{self.blocks}")
-            self._forms[key] = Form(self.tower, libra, x, blocks, self.frontend)
-        return self._forms[key]
+    def _cached(self, libra: bool, x: Tensor) -> CompiledModel | None:
+        form = (libra, self.blocks, self.frontend)
+        for signature in (None, (tuple(x.shape[1:]), x.dtype)):
+            if (*form, signature) in self._forms:
+                return self._forms[(*form, signature)]
+        return None
 
-    def any_form(self, x: Tensor) -> Form:
-        """A compiled form for forward-only work (both forms have the model's forward): one
-        already compiled if there is one, else the vanilla one."""
+    def compiled(self, libra: bool, x: Tensor) -> CompiledModel:
+        """The model compiled in one form (``libra``) for inputs like ``x``, compiled now if
+        it is not yet: once per form, or per input shape and dtype for an exported graph."""
+        found = self._cached(libra, x)
+        if found is not None:
+            return found
+        blocks = self.blocks if self.tower is self.model or self.blocks is None else (
+            f"clip.{self.blocks}")
+        compiled = CompiledModel(self.tower, libra, x, blocks, self.frontend)
+        exported = compiled.gm.libra_report.frontend == "export"
+        signature = (tuple(x.shape[1:]), x.dtype) if exported else None
+        self._forms[(libra, self.blocks, self.frontend, signature)] = compiled
+        return compiled
+
+    def any_compiled(self, x: Tensor) -> CompiledModel:
+        """A compiled model for forward-only work (both forms have the model's forward): one
+        already compiled for inputs like ``x`` if there is one, else the vanilla one."""
         for libra in (True, False):
-            if (libra, self.blocks, self.frontend) in self._forms:
-                return self._forms[(libra, self.blocks, self.frontend)]
-        return self.form(False, x)
+            found = self._cached(libra, x)
+            if found is not None:
+                return found
+        return self.compiled(False, x)
+
+    def compiled_forms(self) -> Mapping[Key, CompiledModel]:
+        """A read-only, live view of the compiled models, by (libra, blocks, frontend,
+        input signature or None): to see what is compiled, and that nothing is compiled twice."""
+        return MappingProxyType(self._forms)
 
     @classmethod
     def cached(cls, model: nn.Module | Explainer, blocks: str | None = None) -> Explainer:
-        """The Explainer of ``model`` that shares ``explain()``'s compiled forms."""
+        """The Explainer of ``model`` that shares ``explain()``'s compiled models."""
         if isinstance(model, Explainer):
             return model
         if not isinstance(model, nn.Module):
@@ -88,44 +101,21 @@ class Explainer:
     def explain(self, x: Tensor, *, target: object, method: str = "fullgrad+",
                 libra: bool = True, level: str = "token", **options) -> Explanation:
         """See ``libragrad_fx.explain``."""
-        _check(method, level, options)
+        record, settings = configure(method, level, options)
         if not isinstance(x, Tensor) or x.dim() < 2:
             raise InputError("x must be a batched input tensor, (batch, channels, height, "
                              "width) for an image model")
-        goal = resolve(target, self.model, score=options.get("score", "logit"),
-                       tokenizer=options.get("tokenizer"))
-        if goal.count is not None and x.shape[0] == 1:
-            x = x.expand(goal.count, *x.shape[1:])
-        elif goal.count is not None and goal.count != x.shape[0]:
-            raise InputError(f"{goal.count} targets for a batch of {x.shape[0]} samples; pass "
-                             "one target, or one per sample")
-        form = self.form(bool(libra), x)
-        if method == "integrated_gradients":
-            return integrated_gradients(form, x, goal, level, options)
-        if method == "smoothgrad":
-            return smoothgrad(form, x, goal, level, options)
-        return single(form, x, goal, method, level, options)
+        objective = resolve(target, self.model, score=settings["score"],
+                            tokenizer=settings["tokenizer"])
+        if objective.count is not None and x.shape[0] == 1:
+            x = x.expand(objective.count, *x.shape[1:])
+        elif objective.count is not None and objective.count != x.shape[0]:
+            raise InputError(f"{objective.count} targets for a batch of {x.shape[0]} samples; "
+                             "pass one target, or one per sample")
+        return record.explain(self.compiled(bool(libra), x), x, objective, level, settings)
 
 
-def _check(method: str, level: str, options: dict) -> None:
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; the methods are: {', '.join(METHODS)}")
-    if level not in ("token", "pixel"):
-        raise InputError(f"level must be 'token' or 'pixel', got {level!r}")
-    unknown = set(options) - _OPTIONS[method]
-    if unknown:
-        raise InputError(f"{method} takes no option {', '.join(sorted(unknown))}; it takes: "
-                         f"{', '.join(sorted(_OPTIONS[method]))}")
-    base = options.get("base", "gradient") if method == "smoothgrad" else method
-    if method == "smoothgrad" and base not in SINGLE_PASS:
-        raise InputError(f"smoothgrad's base must be a single-pass method "
-                         f"({', '.join(SINGLE_PASS)}), got {base!r}")
-    if level == "pixel" and base not in PIXEL_METHODS:
-        raise InputError(f"{base} has no pixel level; level='pixel' serves "
-                         f"{', '.join(PIXEL_METHODS)}")
-
-
-# model -> its compiled forms; the forms do not reference the model, so entries die with it
+# model -> its compiled models; they do not reference the model, so entries die with it
 _FORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -136,13 +126,15 @@ def explain(model: nn.Module | Explainer, x: Tensor, *, target: object,
 
     ``target``: a class index (int, or one per sample), a callable on the output, or for a CLIP
     model (``encode_image``/``encode_text``) a prompt, a list of prompts or a text embedding.
-    ``level``: ``"token"`` (the first block's input tokens) or ``"pixel"``. Options:
-    ``score="logit"|"probability"``, ``tokenizer``; integrated_gradients: ``steps`` (50),
-    ``baseline`` (an image, zero by default, or ``"zero-tokens"``), ``rule``
-    ("gausslegendre", "middle" or "right"), ``internal_batch_size`` (16); smoothgrad:
-    ``base`` ("gradient"), ``samples`` (16), ``noise`` (0.15), ``seed``; attention methods:
-    ``query="cls"|"mean"``.
-    The model is compiled once per form and cached while it is alive.
+    ``level``: ``"token"`` (the first block's input tokens) or ``"pixel"``. Options: ``score``
+    (``"logit"`` or ``"probability"``) and ``tokenizer`` for every method, and each method's
+    own, listed below from the registry (``libragrad_fx.attribution.registry``) with their
+    defaults; ``smoothgrad``'s ``base`` is any one-pass method. The model is compiled once per
+    form and cached while it is alive. The methods:
+
     """
     return Explainer.cached(model).explain(x, target=target, method=method, libra=libra,
                                            level=level, **options)
+
+
+explain.__doc__ = f"{explain.__doc__}{textwrap.indent(describe(), '    ')}\n"

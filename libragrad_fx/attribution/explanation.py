@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .tokens import Layout
+
 
 @dataclass(frozen=True)
 class Explanation:
@@ -52,3 +54,15 @@ class Explanation:
         return Explanation(move(self.token_map), move(self.patch_map), move(self.remainder),
                            move(self.score), move(self.baseline_score), self.method,
                            self.libra, self.level, self.prefix, move(self.pixel_map))
+
+
+def to_explanation(layout: Layout, libra: bool, method: str, level: str, tokens: Tensor,
+                   remainder: Tensor, score: Tensor, pixels: Tensor | None = None,
+                   baseline_score: Tensor | None = None) -> Explanation:
+    """The Explanation of a token map in ``layout``'s order: every method ends here, so the
+    patch grid is cut and the maps are detached in one place."""
+    gh, gw = layout.grid
+    patches = tokens[:, layout.prefix:].reshape(-1, gh, gw)
+    return Explanation(tokens.detach(), patches.detach(), remainder.detach(), score,
+                       baseline_score, method, libra, level, layout.prefix,
+                       None if pixels is None else pixels.detach())

@@ -1,7 +1,7 @@
-"""The gradient methods (DESIGN §4): one formula each, computed from one pass.
+"""The gradient methods' formulas (DESIGN §4), each computed from one forward-backward run.
 
-Each method says what it reads (``Needs``) and maps a ``Pass`` to a token map and a remainder.
-The vanilla and the LibraGrad form differ only in the graph the pass ran on.
+Each formula maps a ``Readout`` to a map and a remainder; the registry pairs it with what the
+run must read. The vanilla and the LibraGrad form differ only in the graph the run used.
 """
 
 from __future__ import annotations
@@ -12,25 +12,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .engine import Needs, Pass
+from .engine import Needs, Readout
+from .one_pass import OnePass
+from .pixels import spread
 from .tokens import Layout
 
-Compute = Callable[[Pass, Layout, int], tuple[Tensor, Tensor]]
 
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    needs: Callable[[int], Needs]  # from the number of blocks
-    compute: Compute  # (pass, layout, blocks) -> (token_map (B, T), remainder (B,))
-    summary: str
-
-
-def _io(p: Pass, layer: int) -> Tensor:
+def block_io(p: Readout, layer: int) -> Tensor:
+    """Σ_c h_l ⊙ g_l, (B, T): block ``layer``'s input times its gradient."""
     return (p.h[layer] * p.g[layer]).sum(-1)
 
 
-def site_sum(p: Pass, layout: Layout, weight: Callable[[int], float]) -> tuple[Tensor, Tensor]:
+def site_sum(p: Readout, layout: Layout, weight: Callable[[int], float]) -> tuple[Tensor, Tensor]:
     """Σ_s weight(last block of s) · BiasMap_s, on the tokens, and what has no token.
 
     What has no token goes to the class token where the model has one, else the remainder.
@@ -50,70 +43,104 @@ def site_sum(p: Pass, layout: Layout, weight: Callable[[int], float]) -> tuple[T
     return tokens, rest
 
 
-def _zero(p: Pass) -> Tensor:
+def zero(p: Readout) -> Tensor:
+    """A zero remainder (B,), for the methods that assign everything to tokens."""
     return p.score.new_zeros(p.score.shape[0])
 
 
-def _gradient(p: Pass, layout: Layout, n: int):
-    return p.g[0].abs().amax(-1), _zero(p)
-
-
-def _input_x_gradient(p: Pass, layout: Layout, n: int):
-    return _io(p, 0), _zero(p)
-
-
-def _fullgrad(p: Pass, layout: Layout, n: int):
-    tokens, rest = site_sum(p, layout, lambda last: 1.0 if last >= 0 else 0.0)
-    return _io(p, 0) + tokens, rest
-
-
-def _fullgrad_plus(p: Pass, layout: Layout, n: int):
-    # mean over l of [h_l·g_l + Σ_{s after block l} BiasMap_s]: site s is in the terms l <= last
-    tokens, rest = site_sum(p, layout, lambda last: (last + 1) / n)
-    inputs = sum(_io(p, layer) for layer in range(n)) / n
-    return inputs + tokens, rest
-
-
-def _hirescam(p: Pass, layout: Layout, n: int):
-    return _io(p, n - 1), _zero(p)
-
-
-def _gradcam(p: Pass, layout: Layout, n: int):
-    h, g = p.h[n - 1], p.g[n - 1]
-    weights = g.mean(1, keepdim=True)
-    return (weights * h).sum(-1), _zero(p)
-
-
-def _xgradcam_plus(p: Pass, layout: Layout, n: int):
-    h, g = p.h[n - 1].abs(), p.g[n - 1]
-    weights = (g * h).sum(1, keepdim=True) / h.sum(1, keepdim=True).clamp_min(1e-12)
-    return (weights * h).sum(-1), _zero(p)
-
-
-def _layercam(p: Pass, layout: Layout, n: int):
-    h, g = p.h[n - 1], p.g[n - 1]
-    return (g.clamp_min(0) * h).sum(-1).clamp_min(0), _zero(p)
-
-
-def _first(n: int) -> Needs:
+def first_block(n: int) -> Needs:
     return Needs(blocks=(0,))
 
 
-def _last(n: int) -> Needs:
+def last_block(n: int) -> Needs:
     return Needs(blocks=(n - 1,))
 
 
-GRADIENT_METHODS = {
-    m.name: m for m in (
-        Method("gradient", _first, _gradient, "max over channels of |df/dh_0|"),
-        Method("input_x_gradient", _first, _input_x_gradient, "Σ_c h_0 ⊙ df/dh_0"),
-        Method("fullgrad", lambda n: Needs(blocks=(0,), sites=True), _fullgrad,
-               "h_0 ⊙ g_0 + the bias maps after block 0"),
-        Method("fullgrad+", lambda n: Needs(blocks=tuple(range(n)), sites=True),
-               _fullgrad_plus, "mean over blocks l of FullGrad_l"),
-        Method("hirescam", _last, _hirescam, "Σ_c h_{L-1} ⊙ g_{L-1}"),
-        Method("gradcam", _last, _gradcam, "Σ_c mean_t(g_{L-1}) h_{L-1}, no ReLU"),
-        Method("xgradcam+", _last, _xgradcam_plus, "XGradCAM weights on |h_{L-1}|"),
-        Method("layercam", _last, _layercam, "ReLU(Σ_c ReLU(g_{L-1}) h_{L-1})"),
-    )
-}
+def input_grad(n: int) -> Needs:
+    return Needs(input_grad=True)
+
+
+def gradient(p: Readout, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
+    return p.g[0].abs().amax(-1), zero(p)
+
+
+def gradient_pixels(p: Readout, x: Tensor, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
+    return p.input_grad.abs().amax(1), zero(p)
+
+
+def input_x_gradient(p: Readout, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
+    return block_io(p, 0), zero(p)
+
+
+def input_x_gradient_pixels(p: Readout, x: Tensor, layout: Layout,
+                            n: int) -> tuple[Tensor, Tensor]:
+    return (x * p.input_grad).sum(1), zero(p)
+
+
+@dataclass(frozen=True)
+class FullGrad:
+    """The mean over terms l of FullGrad_l = Σ_c h_l⊙g_l + Σ_{s after block l} BiasMap_s.
+
+    The term l = -1 (pixel level) is x⊙∂f/∂x with every bias map, each spread over its patch.
+    FullGrad is one term: l = 0 for tokens, l = -1 for pixels; FullGrad+ has every block, and
+    at pixel level l = -1 too. A bias site after block ``last`` is in the terms l <= last, so
+    its weight is their share. Each term is complete under LibraGrad, so the mean is.
+    """
+
+    every_block: bool
+
+    def terms(self, blocks: int, pixel: bool) -> tuple[int, ...]:
+        image = (-1,) if pixel else ()
+        if self.every_block:
+            return image + tuple(range(blocks))
+        return image or (0,)  # FullGrad's pixel term takes block 0's place
+
+    def _needs(self, blocks: int, pixel: bool) -> Needs:
+        terms = self.terms(blocks, pixel)
+        return Needs(blocks=tuple(t for t in terms if t >= 0), sites=True, input_grad=pixel)
+
+    def _tokens(self, p: Readout, layout: Layout, terms: tuple[int, ...]
+                ) -> tuple[Tensor, Tensor]:
+        tokens, rest = site_sum(p, layout,
+                                lambda last: sum(1 for t in terms if t <= last) / len(terms))
+        inputs = sum(block_io(p, t) for t in terms if t >= 0) / len(terms)
+        return inputs + tokens, rest
+
+    def token_map(self, p: Readout, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
+        return self._tokens(p, layout, self.terms(n, pixel=False))
+
+    def pixel_map(self, p: Readout, x: Tensor, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
+        terms = self.terms(n, pixel=True)
+        tokens, rest = self._tokens(p, layout, terms)
+        spread_pixels, prefix = spread(tokens, layout, tuple(x.shape[-2:]))
+        image, _ = input_x_gradient_pixels(p, x, layout, n)
+        return image / len(terms) + spread_pixels, rest + prefix
+
+    @property
+    def token(self) -> OnePass:
+        return OnePass(lambda n: self._needs(n, pixel=False), self.token_map)
+
+    @property
+    def pixel(self) -> OnePass:
+        return OnePass(lambda n: self._needs(n, pixel=True), self.pixel_map)
+
+
+def hirescam(p: Readout, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
+    return block_io(p, n - 1), zero(p)
+
+
+def gradcam(p: Readout, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
+    h, g = p.h[n - 1], p.g[n - 1]
+    weights = g.mean(1, keepdim=True)
+    return (weights * h).sum(-1), zero(p)
+
+
+def xgradcam_plus(p: Readout, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
+    h, g = p.h[n - 1].abs(), p.g[n - 1]
+    weights = (g * h).sum(1, keepdim=True) / h.sum(1, keepdim=True).clamp_min(1e-12)
+    return (weights * h).sum(-1), zero(p)
+
+
+def layercam(p: Readout, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
+    h, g = p.h[n - 1], p.g[n - 1]
+    return (g.clamp_min(0) * h).sum(-1).clamp_min(0), zero(p)

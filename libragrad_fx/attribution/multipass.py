@@ -4,25 +4,31 @@ chunk, not the number of steps or samples."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
 import numpy
 import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .engine import Form
-from .explanation import Explanation
+from .engine import CompiledModel
+from .explanation import Explanation, to_explanation
 from .pixels import pool
-from .single import finish, single
+from .stream import TokenStream
 from .targets import Target
 
+if TYPE_CHECKING:
+    from .registry import Method
 
-def _chunks(total: int, size: int):
+
+def _chunks(total: int, size: int) -> Iterator[Tensor]:
     for start in range(0, total, size):
         yield torch.arange(start, min(start + size, total))
 
 
-def integrated_gradients(form: Form, x: Tensor, goal: Target, level: str,
-                          options: dict) -> Explanation:
+def integrated_gradients(method: Method, compiled: CompiledModel, x: Tensor, target: Target,
+                         level: str, settings: Mapping[str, object]) -> Explanation:
     """(h - h')·Σ_j w_j ∇f(h' + α_j(h - h')), batched over steps in chunks of
     ``internal_batch_size`` rows.
 
@@ -35,43 +41,39 @@ def integrated_gradients(form: Form, x: Tensor, goal: Target, level: str,
     uniform sums miss it (docs/attribution.md has the numbers); so does any sum from a zero
     stream, LayerNorm's singular point, which is why that is not the default baseline.
     """
-    steps = int(options.get("steps", 50))
-    size = int(options.get("internal_batch_size", 16))
-    rule = options.get("rule", "gausslegendre")
+    steps = int(settings["steps"])
+    size = int(settings["internal_batch_size"])
+    rule = settings["rule"]
     if steps < 1 or size < 1:
         raise InputError("steps and internal_batch_size must be positive")
     if rule not in ("middle", "right", "gausslegendre"):
         raise InputError(f"rule must be 'middle', 'right' or 'gausslegendre', got {rule!r}")
     batch = x.shape[0]
-    layout = form.layout(x)
-    baseline = options.get("baseline")
+    layout = compiled.layout(x)
+    baseline = settings["baseline"]
     if level == "token":
-        h0 = form.structure.inputs[0]
-        axis = layout.axes[h0].batch
-        full = form.probe((h0,))
+        stream = TokenStream(compiled, x)
+        output, start = stream.first_input(x)
         with torch.no_grad():
-            output, values = full(x)
-            score = goal.score(output, form.libra)
-            start = values[h0].movedim(axis, 0)
-            if isinstance(baseline, str) and baseline == "zero-tokens":
-                origin = torch.zeros_like(start)
-            else:
-                origin = full(_baseline(baseline, x))[1][h0].movedim(axis, 0)
-        tail = form.probe((), start=h0)
+            score = target.score(output, compiled.libra)
+        if isinstance(baseline, str) and baseline == "zero-tokens":
+            origin = torch.zeros_like(start)
+        else:
+            origin = stream.first_input(_baseline(baseline, x))[1]
 
         def run(rows: Tensor, point: Tensor):
-            return tail(x[rows], point.movedim(0, axis))[0]
+            return stream.tail(x[rows], point)
     else:
         start = x.detach()
         origin = _baseline(baseline, x)
-        probe = form.probe(())
+        probe = compiled.probe(())
         with torch.no_grad():
-            score = goal.score(probe(x)[0], form.libra)
+            score = target.score(probe(x)[0], compiled.libra)
 
         def run(rows: Tensor, point: Tensor):
             return probe(point)[0]
     with torch.no_grad():
-        baseline_score = goal.score(run(torch.arange(batch), origin), form.libra)
+        baseline_score = target.score(run(torch.arange(batch), origin), compiled.libra)
     total = torch.zeros_like(start)
     alphas, weights = _quadrature(rule, steps)
     shape = (-1, *[1] * (start.dim() - 1))
@@ -81,22 +83,19 @@ def integrated_gradients(form: Form, x: Tensor, goal: Target, level: str,
         point = (origin[sample] + alpha * (start - origin)[sample])
         point = point.detach().requires_grad_(True)
         with torch.enable_grad():
-            f = goal.take(sample).score(run(sample, point), form.libra)
+            f = target.take(sample).score(run(sample, point), compiled.libra)
             (grad,) = torch.autograd.grad(f.sum(), point)
         weight = weights[step].to(start.device, start.dtype).reshape(shape)
         total.index_add_(0, sample.to(total.device), grad.detach() * weight)
     attribution = (start - origin) * total
-    zero = score.new_zeros(batch)
-    if level == "token":
-        axes = layout.axes[h0]
-        token_axis = axes.tokens + (axes.tokens < axes.batch)
-        tokens = layout.reorder(attribution.movedim(token_axis, 1).sum(-1))
-        return finish(form, x, tokens, zero, score, "integrated_gradients", level,
-                       baseline=baseline_score)
+    if level == "token":  # (B, T, C) in the model's token order
+        tokens = layout.reorder(attribution.sum(-1))
+        return to_explanation(layout, compiled.libra, method.name, level, tokens,
+                              score.new_zeros(batch), score, baseline_score=baseline_score)
     pixels = attribution.sum(1)
     tokens, outside = pool(pixels, layout)
-    return finish(form, x, tokens, outside, score, "integrated_gradients", level, pixels,
-                   baseline_score)
+    return to_explanation(layout, compiled.libra, method.name, level, tokens, outside, score,
+                          pixels, baseline_score)
 
 
 def _quadrature(rule: str, steps: int) -> tuple[Tensor, Tensor]:
@@ -126,26 +125,24 @@ def _baseline(value: object, x: Tensor) -> Tensor:
     raise InputError(f"baseline must be a number or a tensor, got {type(value).__name__}")
 
 
-def smoothgrad(form: Form, x: Tensor, goal: Target, level: str,
-                options: dict) -> Explanation:
+def smoothgrad(method: Method, compiled: CompiledModel, x: Tensor, target: Target,
+               level: str, settings: Mapping[str, object]) -> Explanation:
     """The base method's maps averaged over ``samples`` copies of x with Gaussian noise of
-    standard deviation ``noise`` times each image's value range."""
-    base = options.get("base", "gradient")
-    samples = int(options.get("samples", 16))
-    size = int(options.get("internal_batch_size", 16))
+    standard deviation ``noise`` times each image's value range (Captum's NoiseTunnel)."""
+    samples = int(settings["samples"])
+    size = int(settings["internal_batch_size"])
     if samples < 1 or size < 1:
         raise InputError("samples and internal_batch_size must be positive")
     batch = x.shape[0]
     span = (x.amax(tuple(range(1, x.dim()))) - x.amin(tuple(range(1, x.dim()))))
-    sigma = float(options.get("noise", 0.15)) * span.reshape(-1, *[1] * (x.dim() - 1))
-    generator = torch.Generator().manual_seed(int(options.get("seed", 0)))
+    sigma = float(settings["noise"]) * span.reshape(-1, *[1] * (x.dim() - 1))
+    generator = torch.Generator().manual_seed(int(settings["seed"]))
     noise = torch.randn((samples, *x.shape), generator=generator, dtype=x.dtype)
     noisy = (x[None] + sigma[None] * noise.to(x.device)).flatten(0, 1)
     sums = None
-    inner = {k: v for k, v in options.items() if k == "query"}
     for rows in _chunks(samples * batch, size):
         sample = rows % batch
-        part = single(form, noisy[rows], goal.take(sample), base, level, inner)
+        part = method.base.explain(compiled, noisy[rows], target.take(sample), level, settings)
         fields = (part.token_map, part.remainder,
                   part.pixel_map if part.pixel_map is not None else part.remainder[:, None])
         if sums is None:
@@ -155,6 +152,6 @@ def smoothgrad(form: Form, x: Tensor, goal: Target, level: str,
             total.index_add_(0, sample.to(total.device), value)
     tokens, rest, pixels = (s / samples for s in sums)
     with torch.no_grad():
-        score = goal.score(form.probe(())(x)[0], form.libra)
-    return finish(form, x, tokens, rest, score, "smoothgrad", level,
-                   pixels if level == "pixel" else None)
+        score = target.score(compiled.probe(())(x)[0], compiled.libra)
+    return to_explanation(compiled.layout(x), compiled.libra, method.name, level, tokens, rest,
+                          score, pixels if level == "pixel" else None)

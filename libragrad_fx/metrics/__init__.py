@@ -1,6 +1,6 @@
 """Metrics of DESIGN §5: faithfulness by token removal, completeness, localisation."""
 
-from .completeness import completeness_gap
+from .gap import completeness_gap
 from .localisation import average_precision, class_discrimination
 from .removal import FRACTIONS, RemovalCurves, token_removal
 

@@ -14,17 +14,18 @@ only the graph's tail after h_0 runs per row, in chunks of ``internal_batch_size
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..attribution import Explainer, Explanation
-from ..attribution.targets import Target, resolve
+from ..attribution.stream import TokenStream
+from ..attribution.targets import resolve
 from ..errors import InputError, TrainingModeError
-from .removers import CannotDrop, Pixels, Stream
+from .plan import Plan, ranks
+from .removers import CannotDrop, PixelRemover, TokenRemover
 
 FRACTIONS = tuple(i / 10 for i in range(10))  # 0.0, 0.1, ..., 0.9
 MODES = ("auto", "drop", "zero", "pixel")
@@ -125,31 +126,33 @@ def token_removal(model: nn.Module | Explainer, x: Tensor, attribution: Tensor |
     if not isinstance(model, (nn.Module, Explainer)):
         raise InputError(f"token_removal needs a torch.nn.Module, got {type(model).__name__}")
     explainer = Explainer.cached(model, blocks)
-    goal = resolve(target, explainer.model, score="probability")
-    if goal.count is not None and goal.count != batch:
-        raise InputError(f"{goal.count} targets for a batch of {batch} images; pass one "
+    objective = resolve(target, explainer.model, score="probability")
+    if objective.count is not None and objective.count != batch:
+        raise InputError(f"{objective.count} targets for a batch of {batch} images; pass one "
                          "target, or one per image")
-    rank = _ranks(scores.to(x.device), seed)
-    plan = _Plan(rank, removed.to(x.device), goal, internal_batch_size, progress)
+    rank = ranks(scores.to(x.device), seed)
+    plan = Plan(rank, removed.to(x.device), objective, internal_batch_size, progress)
     fallback = None
     if mode == "pixel":
         tower = explainer.tower
         if any(m.training for m in tower.modules()):
             raise TrainingModeError("the model is in training mode; call model.eval() first")
-        result = plan.evaluate(Pixels(tower, x, grid, patches, fill), split=False, desc="pixel")
+        remover = PixelRemover(tower, x, grid, patches, fill)
+        result = plan.evaluate(remover, split=False, desc="pixel")
         used = "pixel"
     else:
-        stream = Stream(explainer.any_form(x), x, grid, patches, internal_batch_size)
+        remover = TokenRemover(TokenStream(explainer.any_compiled(x), x), x, grid, patches,
+                               internal_batch_size)
         result, used = None, mode
         if mode in ("auto", "drop"):
             try:
-                result, used = plan.evaluate(stream.dropping, split=True, desc="drop"), "drop"
+                result, used = plan.evaluate(remover.dropping, split=True, desc="drop"), "drop"
             except CannotDrop as exc:
                 if mode == "drop":
                     raise InputError(f"cannot drop tokens from this model: {exc}") from exc
                 fallback = str(exc)
         if result is None:
-            result, used = plan.evaluate(stream.zeroing, split=False, desc="zero"), "zero"
+            result, used = plan.evaluate(remover.zeroing, split=False, desc="zero"), "zero"
     probability, accuracy = result
     return RemovalCurves(fraction, probability[0], probability[1], accuracy[0], accuracy[1],
                          used, removed, fallback)
@@ -174,90 +177,3 @@ def _patch_scores(attribution: Tensor | Explanation, batch: int,
     if grid is not None and grid[0] * grid[1] != scores.shape[1]:
         raise InputError(f"a {grid[0]}x{grid[1]} grid does not hold {scores.shape[1]} patches")
     return scores, grid
-
-
-def _ranks(scores: Tensor, seed: int) -> Tensor:
-    """(B, P): each patch's place in descending order, 0 the most influential; ties in a
-    random order (one permutation per row)."""
-    generator = torch.Generator().manual_seed(seed)
-    shuffle = torch.rand(scores.shape, generator=generator).argsort(1).to(scores.device)
-    order = scores.gather(1, shuffle).argsort(dim=1, descending=True, stable=True)
-    order = shuffle.gather(1, order)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
-    return rank
-
-
-class _Plan:
-    """The rows (curve, fraction, sample), their order, chunks and scores."""
-
-    def __init__(self, rank: Tensor, removed: Tensor, goal: Target, size: int, progress: bool):
-        self.rank, self.removed, self.goal, self.size = rank, removed, goal, size
-        self.progress = progress
-        batch, device = rank.shape[0], rank.device
-        rows = []  # the most removed first: the first chunk is the test that dropping works
-        for j in sorted(range(len(removed)), key=lambda i: -int(removed[i])):
-            for curve in ((0,) if int(removed[j]) == 0 else (0, 1)):  # r = 0: one curve
-                rows.append(torch.stack(torch.broadcast_tensors(
-                    torch.tensor(curve, device=device), torch.tensor(j, device=device),
-                    torch.arange(batch, device=device))))
-        self.curve, self.fraction, self.sample = torch.cat(rows, 1)
-        table = goal.table
-        self.classes = (None if table is None or table.is_floating_point()
-                        else table.to(device).expand(batch))
-
-    def chunks(self, split: bool) -> Iterator[Tensor]:
-        """Row indices, ``size`` at most; with ``split``, one fraction per chunk."""
-        keys = self.fraction if split else torch.zeros_like(self.fraction)
-        _, counts = torch.unique_consecutive(keys, return_counts=True)
-        start = 0
-        for count in counts.tolist():
-            for lo in range(start, start + count, self.size):
-                yield torch.arange(lo, min(lo + self.size, start + count),
-                                   device=self.fraction.device)
-            start += count
-
-    def evaluate(self, run: Callable[[Tensor, Tensor], Tensor], split: bool,
-                 desc: str) -> tuple[Tensor, Tensor]:
-        """(2, B, F) probabilities and accuracies, LIF's r = 0 copied from MIF's."""
-        batch, patches = self.rank.shape
-        frames = len(self.removed)
-        probability = torch.full((2, batch, frames), float("nan"), dtype=torch.float64,
-                                 device=self.rank.device)
-        accuracy = probability.clone()
-        with _progress(len(self.sample), desc, self.progress) as bar, torch.no_grad():
-            for rows in self.chunks(split):
-                curve, fraction, sample = (self.curve[rows], self.fraction[rows],
-                                           self.sample[rows])
-                k = self.removed[fraction][:, None]
-                rank = self.rank[sample]
-                gone = torch.where(curve[:, None] == 0, rank < k, rank >= patches - k)
-                output = run(sample, gone)
-                value = self.goal.take(sample).score(output, False)
-                probability[curve, sample, fraction] = value.double()
-                if self.classes is not None:
-                    hit = output.argmax(-1) == self.classes[sample]
-                    accuracy[curve, sample, fraction] = hit.double()
-                bar.update(len(rows))
-        first = self.removed == 0
-        probability[1][:, first] = probability[0][:, first]
-        accuracy[1][:, first] = accuracy[0][:, first]
-        return probability, accuracy
-
-
-@contextlib.contextmanager
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        yield _NoBar()
-        return
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as exc:
-        raise InputError("progress=True needs tqdm (pip install tqdm)") from exc
-    with tqdm(total=total, desc=f"token removal ({desc})", unit="row") as bar:
-        yield bar
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass

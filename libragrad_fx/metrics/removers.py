@@ -9,7 +9,7 @@ import io
 import torch
 from torch import Tensor, nn
 
-from ..attribution.engine import Form
+from ..attribution.stream import TokenStream
 from ..errors import InputError
 
 
@@ -17,33 +17,26 @@ class CannotDrop(Exception):
     """The graph's tail does not run, or changes its output, on a shortened sequence."""
 
 
-class Stream:
-    """The first block's input h_0 of every image, and the graph's tail that runs from it."""
+class TokenRemover:
+    """Patch tokens removed from the first block's input h_0 of every image (zeroed or
+    dropped), and the graph's tail run from there."""
 
-    def __init__(self, form: Form, x: Tensor, grid: tuple[int, int] | None, patches: int,
-                 size: int):
-        h0 = form.structure.inputs[0]
-        layout = form.layout(x)
-        axes = layout.axes[h0]
-        self.permute = (axes.batch, axes.tokens, 3 - axes.batch - axes.tokens)
-        self.restore = tuple(torch.tensor(self.permute).argsort().tolist())
-        if grid is not None and tuple(grid) != tuple(layout.grid):
+    def __init__(self, stream: TokenStream, x: Tensor, grid: tuple[int, int] | None,
+                 patches: int, size: int):
+        if grid is not None and tuple(grid) != stream.grid:
             raise InputError(f"the map's {grid[0]}x{grid[1]} patches are not the model's "
-                             f"{layout.grid[0]}x{layout.grid[1]} grid")
-        self.positions = torch.tensor(layout.order[layout.prefix:], device=x.device)
+                             f"{stream.grid[0]}x{stream.grid[1]} grid")
+        self.positions = torch.tensor(stream.patch_positions, device=x.device)
         if len(self.positions) != patches:
             raise InputError(f"the map has {patches} patches, the model "
-                             f"{layout.grid[0]}x{layout.grid[1]}")
-        self.tokens = layout.tokens
-        full = form.probe((h0,))
+                             f"{stream.grid[0]}x{stream.grid[1]}")
+        self.tokens, self.stream, self.x = stream.tokens, stream, x
         parts, shape = [], None
-        with torch.no_grad():
-            for lo in range(0, x.shape[0], size):
-                output, values = full(x[lo:lo + size])
-                parts.append(values[h0].permute(self.permute))
-                shape = tuple(output.shape[1:])
-        self.h0, self.shape, self.x = torch.cat(parts), shape, x
-        self.tail = form.probe((), start=h0)
+        for lo in range(0, x.shape[0], size):
+            output, h0 = stream.first_input(x[lo:lo + size])
+            parts.append(h0)
+            shape = tuple(output.shape[1:])
+        self.h0, self.shape = torch.cat(parts), shape
 
     def _removed(self, gone: Tensor) -> Tensor:
         """(N, P) patches -> (N, T) model token positions."""
@@ -53,7 +46,7 @@ class Stream:
 
     def zeroing(self, sample: Tensor, gone: Tensor) -> Tensor:
         stream = self.h0[sample].masked_fill(self._removed(gone)[..., None], 0)
-        return self.tail(self.x[sample], stream.permute(self.restore))[0]
+        return self.stream.tail(self.x[sample], stream)
 
     def dropping(self, sample: Tensor, gone: Tensor) -> Tensor:
         mask = self._removed(gone)
@@ -63,7 +56,7 @@ class Stream:
         stream = stream.gather(1, kept[..., None].expand(-1, -1, stream.shape[-1]))
         try:
             with contextlib.redirect_stderr(io.StringIO()):  # fx prints the failing line
-                output = self.tail(self.x[sample], stream.permute(self.restore))[0]
+                output = self.stream.tail(self.x[sample], stream)
         except Exception as exc:
             raise CannotDrop(f"the model fails on {keep} of {self.tokens} tokens: "
                               f"{str(exc).strip().splitlines()[-1]}") from exc
@@ -74,7 +67,7 @@ class Stream:
         return output
 
 
-class Pixels:
+class PixelRemover:
     """Removed patches painted with ``fill``, and the whole model rerun."""
 
     def __init__(self, module: nn.Module, x: Tensor, grid: tuple[int, int] | None,

@@ -27,7 +27,6 @@ from libragrad_fx import (
     explain,
     libra_transform,
 )
-from libragrad_fx.attribution.explainer import _FORMS
 from tests.harness import perturb
 
 warnings.filterwarnings("ignore", message="No pretrained weights")
@@ -189,7 +188,7 @@ def test_the_forms_are_compiled_once_and_released_with_the_model():
     model = perturb(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2).eval())
     x = torch.randn(1, 3, 64, 64)
     explain(model, x, target=0, method="gradient")
-    forms = _FORMS[model]
+    forms = Explainer.cached(model).compiled_forms()
     first = next(iter(forms.values())).gm
     explain(model, x, target=1, method="fullgrad")
     assert next(iter(forms.values())).gm is first and len(forms) == 1
