@@ -24,6 +24,8 @@ from .graph_utils import arg, replace_with_call
 # arguments, self first): the op table's ``methods`` and ``aliases`` spellings.
 _METHODS: dict[str, Callable] = optable.canonical_methods()
 _ALIASES: dict[Callable, Callable] = optable.aliases()
+# One-input modules without parameters that become the function they run.
+_SIMPLE_MODULES: dict[type, Callable] = optable.module_spellings()
 # Arithmetic is canonicalised only in its plain two-operand form (no alpha=, rounding_mode=).
 _BINARY = (operator.mul, operator.matmul, operator.add, operator.sub, operator.truediv)
 _EVAL_NOOPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -91,8 +93,7 @@ def _module_call(graph: fx.Graph, node: fx.Node, m: nn.Module) -> tuple | None:
         return F.rms_norm, (x, tuple(m.normalized_shape), w, m.eps), {}
     if _own_forward(m, nn.GELU):
         return F.gelu, (x,), {"approximate": m.approximate}
-    simple = {nn.SiLU: F.silu, nn.Sigmoid: torch.sigmoid, nn.Tanh: torch.tanh, nn.ReLU: F.relu}
-    for cls, fn in simple.items():
+    for cls, fn in _SIMPLE_MODULES.items():
         if _own_forward(m, cls):
             return fn, (x,), {}
     if _own_forward(m, nn.GLU):

@@ -194,3 +194,4 @@ class Op:
     reads: Reads = Reads.ALL
     aliases: tuple[Callable, ...] = field(default=())  # functions canonicalised to target
     methods: tuple[str, ...] = field(default=())  # tensor methods canonicalised to target
+    modules: tuple[type, ...] = field(default=())  # one-input modules canonicalised to target

@@ -96,7 +96,8 @@ _RECORDS: tuple[Op, ...] = (
     Op(F.gelu, libra=Replacement("gate", ops.libra_gelu, _gelu_words,
                                  (_X, Bound(1, "approximate", "none")))),
     Op(ops.libra_gelu, Preserving(), forward_of=F.gelu),
-    Op(F.silu, libra=Replacement("gate", ops.libra_silu, "x*[sigmoid(x)]cst (SiLU)", (_X,))),
+    Op(F.silu, modules=(nn.SiLU,),
+       libra=Replacement("gate", ops.libra_silu, "x*[sigmoid(x)]cst (SiLU)", (_X,))),
     Op(ops.libra_silu, Preserving(), forward_of=F.silu),
     Op(F.glu, libra=Replacement("gate", ops.libra_glu, "a*[sigmoid(b)]cst (GLU)",
                                 (_X, Bound(1, "dim", -1)))),
@@ -146,12 +147,14 @@ _RECORDS: tuple[Op, ...] = (
     *(Op(f, Own(Clause.MASKED_FILL)) for f in (torch.masked_fill, "masked_fill")),
     Op(F.pad, Own(Clause.PAD)),
     # --- nonlinear ops with no rule yet: canonical spellings only ---
-    Op(torch.sigmoid, methods=("sigmoid",), aliases=(F.sigmoid, torch.special.expit)),
-    Op(torch.tanh, methods=("tanh",), aliases=(F.tanh,)),
+    Op(torch.sigmoid, methods=("sigmoid",), aliases=(F.sigmoid, torch.special.expit),
+       modules=(nn.Sigmoid,)),
+    Op(torch.tanh, methods=("tanh",), aliases=(F.tanh,), modules=(nn.Tanh,)),
     Op(torch.exp, methods=("exp",)),
     Op(torch.log, methods=("log",)),
     Op(torch.erf, methods=("erf",), aliases=(torch.special.erf,)),
     Op(torch.relu, Preserving(), methods=("relu",)),
+    Op(F.relu, Preserving(), modules=(nn.ReLU,)),
 )
 
 
@@ -165,7 +168,7 @@ _PRESERVING = _group((
     torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.roll, torch.flip,
     torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select, torch.sum, torch.mean,
     torch.cumsum, torch.clone, torch.gather, torch.index_select, torch.tile, torch.movedim,
-    torch.repeat_interleave, torch.diagonal, torch.t, F.relu, F.leaky_relu,
+    torch.repeat_interleave, torch.diagonal, torch.t, F.leaky_relu,
     torch.abs, torch.amax, torch.amin, torch.sort, torch.topk,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
@@ -264,3 +267,8 @@ def aliases() -> dict[Callable, Callable]:
 def canonical_methods() -> dict[str, Callable]:
     """Tensor methods that become the canonical function of the same meaning (self first)."""
     return {m: op.target for op in TABLE.values() for m in op.methods}
+
+
+def module_spellings() -> dict[type, Callable]:
+    """One-input built-in modules that become the canonical function they run."""
+    return {m: op.target for op in TABLE.values() for m in op.modules}
