@@ -168,13 +168,15 @@ class Bound:
 @dataclass(frozen=True)
 class Replacement:
     """What ``rule`` swaps the op for: ``target`` with the op's arguments rebound by ``args``
-    (empty: the arguments stay as they are), and the report's words, a string or a function of
-    the rebound arguments."""
+    (empty: the arguments stay as they are), the report's words (a string or a function of the
+    rebound arguments) and, for a replacement with no other facts, its degree rule."""
 
     rule: str
     target: Callable
     says: str | Callable[..., str] = ""
     args: tuple[Bound, ...] = ()
+    degree: DegreeRule | None = None  # the replacement's own degree rule: given, it needs no
+    # record of its own (the table derives one, ``forward_of`` the replaced op)
 
 
 @dataclass(frozen=True)

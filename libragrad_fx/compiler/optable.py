@@ -93,15 +93,13 @@ _RECORDS: tuple[Op, ...] = (
     Op(ops.contiguous_grad, Preserving()),
     Op(torch.var_mean, Own(Clause.VAR_MEAN)),
     # --- gates: the gate rule makes act(x)/x a constant ---
+    # (a Libra gate keeps the degree of x: Preserving, given in its Replacement)
     Op(F.gelu, libra=Replacement("gate", ops.libra_gelu, _gelu_words,
-                                 (_X, Bound(1, "approximate", "none")))),
-    Op(ops.libra_gelu, Preserving(), forward_of=F.gelu),
-    Op(F.silu, modules=(nn.SiLU,),
-       libra=Replacement("gate", ops.libra_silu, "x*[sigmoid(x)]cst (SiLU)", (_X,))),
-    Op(ops.libra_silu, Preserving(), forward_of=F.silu),
+                                 (_X, Bound(1, "approximate", "none")), Preserving())),
+    Op(F.silu, modules=(nn.SiLU,), libra=Replacement(
+        "gate", ops.libra_silu, "x*[sigmoid(x)]cst (SiLU)", (_X,), Preserving())),
     Op(F.glu, libra=Replacement("gate", ops.libra_glu, "a*[sigmoid(b)]cst (GLU)",
-                                (_X, Bound(1, "dim", -1)))),
-    Op(ops.libra_glu, Preserving(), forward_of=F.glu),
+                                (_X, Bound(1, "dim", -1)), Preserving())),
     # --- attention: the attention rule makes the probabilities constants ---
     Op(F.scaled_dot_product_attention, _SDPA, attention=AttentionRead.FUSED,
        libra=Replacement("attention", sdpa.libra_scaled_dot_product_attention,
@@ -209,7 +207,9 @@ _ZEROS = (torch.zeros, torch.zeros_like, "new_zeros")
 
 def _build() -> MappingProxyType:
     table: dict[Any, Op] = {}
-    for op in (*_RECORDS, *_PRESERVING, *_SELF_ONLY, *_SHAPES, *_NO_GRADIENT):
+    derived = tuple(Op(op.libra.target, op.libra.degree, forward_of=op.target)
+                    for op in _RECORDS if op.libra is not None and op.libra.degree is not None)
+    for op in (*_RECORDS, *derived, *_PRESERVING, *_SELF_ONLY, *_SHAPES, *_NO_GRADIENT):
         if op.target in table:
             raise AssertionError(f"two records for {op.target!r}")
         table[op.target] = op
