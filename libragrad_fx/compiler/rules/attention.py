@@ -51,7 +51,8 @@ class ProbabilitiesOperand:
 _MATMULS = (operator.matmul, torch.bmm, torch.matmul)
 _PRODUCTS = (operator.mul, torch.einsum, *_MATMULS)
 # Linear in their first argument when every other operand is a constant for the backward.
-_LINEAR_IN_FIRST = (*optable.forms(F.linear), operator.truediv, operator.getitem,
+_LINEARS = optable.forms(F.linear)  # F.linear and its Libra forms
+_LINEAR_IN_FIRST = (*_LINEARS, operator.truediv, operator.getitem,
                     operator.neg, torch.sum, torch.mean, torch.unbind, torch.chunk,
                     torch.split, torch.select, torch.narrow)
 # A fused q/k/v projection's cut form (its backward leaves out the detached q and k rows).
@@ -104,7 +105,7 @@ def _projection(value) -> fx.Node | None:
             isinstance(value, fx.Node) and value.op == "call_method"
             and value.target in ("unbind", "chunk", "split")):
         value = value.args[0]
-    return value if is_call(value, *optable.forms(F.linear)) else None
+    return value if is_call(value, *_LINEARS) else None
 
 
 def _match(node: fx.Node, flow: Dataflow):
@@ -145,9 +146,10 @@ def _replace(graph: fx.Graph, node: fx.Node, payload) -> str:
             if isinstance(value, fx.Node):
                 detach_use(graph, node, value)
         words = swap(node, payload.replacement)
-        for projection in cut:
-            said = swap(projection, _CUT_PROJECTION)
-        return f"{words}; {', '.join(p.name for p in cut)} {said}" if cut else words
+        if not cut:
+            return words
+        said = [swap(projection, _CUT_PROJECTION) for projection in cut][0]
+        return f"{words}; {', '.join(p.name for p in cut)} {said}"
     if isinstance(payload, Swap):
         return swap(node, payload.replacement)
     if isinstance(payload, SoftmaxUses):
