@@ -1,4 +1,4 @@
-"""``libragrad-fx explain``: maps of one or more images, methods and forms, as one PNG."""
+"""``libragrad-fx explain``: maps of one or more images, methods and forms, as one picture."""
 
 from __future__ import annotations
 
@@ -90,5 +90,6 @@ def run(args: argparse.Namespace) -> None:
                        tokenizer=loaded.tokenizer)
     _print_table(queries, results, methods, forms)
     title = f"{loaded.name}: {', '.join(methods)} ({', '.join(FORM_NAMES[f] for f in forms)})"
-    path = save_grid(panels(queries, results, methods, forms), args.output, title=title)
+    path = save_grid(panels(queries, results, methods, forms), args.output, title=title,
+                     scale=args.scale)
     print(f"wrote {path}")

@@ -60,13 +60,13 @@ def panels(queries: Sequence[Query], results: dict[Key, Explanation], methods: S
     """One row per (query, target): the image, then each method's map in each form."""
     rows = []
     for i, query in enumerate(queries):
-        grey = query.picture.grey
+        image = query.picture.image
         for t, name in enumerate(query.names):
-            row = [Panel(grey, None, f"{label or query.picture.name}\n{name}")]
+            row = [Panel(image, None, f"{label or query.picture.name}\n{name}")]
             for method in methods:
                 for libra in forms:
-                    heat = results[(i, method, libra)].heatmap(grey.shape)[t]
-                    row.append(Panel(grey, heat.detach().float().numpy(),
+                    heat = results[(i, method, libra)].heatmap(image.shape[:2])[t]
+                    row.append(Panel(image, heat.detach().float().numpy(),
                                      f"{method} · {FORM_NAMES[libra]}\n{name}"))
             rows.append(row)
     return rows
