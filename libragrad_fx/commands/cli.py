@@ -27,6 +27,13 @@ def _add_picture(parser: argparse.ArgumentParser, default: str) -> None:
                              "and Libra magnitudes compare")
 
 
+def _add_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=int, nargs="+", metavar="N",
+                        help="the input size, H W or one N for N×N: images are resized to it, "
+                             "and it is the example input the export frontend runs the model "
+                             "on (default: the size the model states, if it states one)")
+
+
 def _add_weights(parser: argparse.ArgumentParser) -> None:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", metavar="FILE",
@@ -62,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print the LibraGrad rewrite report of a model")
     rep.add_argument("model", help=MODEL_HELP + " (a CLIP model's image tower)")
     _add_weights(rep)
+    _add_size(rep)
     rep.add_argument("--json", action="store_true", help="print JSON for tools")
     rep.add_argument("--strict", action="store_true",
                      help="fail unless the result is certified complete")
@@ -88,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vanilla and LibraGrad maps side by side")
     exp.add_argument("--level", choices=("token", "pixel"), default="token",
                      help="maps per patch token (default) or per pixel")
+    exp.add_argument("--query", choices=("cls", "mean"), default=None,
+                     help="the attention methods' query row: the class token's (cls, their "
+                          "default) or the mean over tokens (for models without one)")
+    _add_size(exp)
+    exp.add_argument("--mean", type=float, nargs=3, metavar="M",
+                     help="per-channel input mean, for a model that does not state its own")
+    exp.add_argument("--std", type=float, nargs=3, metavar="S",
+                     help="per-channel input std, with --mean")
     _add_picture(exp, "libragrad-fx-explain.png")
     exp.set_defaults(run=_explain)
 

@@ -20,13 +20,15 @@ from ..errors import InputError
 class Preprocessing:
     """What a model wants: ``size`` (H, W) or None for any, per-channel ``mean``/``std`` (None:
     the [0, 1] values as they are), ``grey`` (one grey channel replicated to three, as the
-    digits models were trained), and the resampling filter."""
+    digits models were trained), the resampling filter, and whether the model ``stated`` its
+    normalisation (False: none was found, and [0, 1] values are a guess)."""
 
     size: tuple[int, int] | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     grey: bool = False
     interpolation: str = "bilinear"
+    stated: bool = True
 
 
 @dataclass(frozen=True)
