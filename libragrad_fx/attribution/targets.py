@@ -5,8 +5,8 @@ softmax probability; the logits are the output, or its ``logits`` entry for a di
 ModelOutput, or its first entry for a tuple. A callable maps the output, as the model returns
 it (a tensor, tuple, dict or ModelOutput), to the scores. A class index on a CLIP model is
 refused: its output is an embedding, and the index would name a coordinate of it. For a CLIP
-model a text (a prompt, or several) or a text embedding gives f = 100·cos(image, text) with the text side
-fixed; under LibraGrad the image embedding's norm is a constant for the backward (the
+model a text (a prompt, or several) or a text embedding gives f = 100·cos(image, text) with the
+text side fixed; under LibraGrad the image embedding's norm is a constant for the backward (the
 L2-normalisation rule), so f stays complete.
 """
 
