@@ -26,6 +26,7 @@ _METHODS: dict[str, Callable] = optable.canonical_methods()
 _ALIASES: dict[Callable, Callable] = optable.aliases()
 # One-input modules without parameters that become the function they run.
 _SIMPLE_MODULES: dict[type, Callable] = optable.module_spellings()
+_MODULE_ARGS: dict[type, tuple[str, ...]] = optable.module_arguments()  # alpha=, beta=, ...
 # Arithmetic is canonicalised only in its plain two-operand form (no alpha=, rounding_mode=).
 _BINARY = (operator.mul, operator.matmul, operator.add, operator.sub, operator.truediv)
 _EVAL_NOOPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -95,7 +96,7 @@ def _module_call(graph: fx.Graph, node: fx.Node, m: nn.Module) -> tuple | None:
         return F.gelu, (x,), {"approximate": m.approximate}
     for cls, fn in _SIMPLE_MODULES.items():
         if _own_forward(m, cls):
-            return fn, (x,), {}
+            return fn, (x, *(getattr(m, a) for a in _MODULE_ARGS.get(cls, ()))), {}
     if _own_forward(m, nn.GLU):
         return F.glu, (x, m.dim), {}
     if _own_forward(m, nn.Softmax) and m.dim is not None:

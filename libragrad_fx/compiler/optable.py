@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import mha, ops, sdpa
+from ..runtime import elementwise, mha, ops, sdpa
 from .opspec import (
     Arguments,
     Attention,
@@ -54,6 +54,25 @@ _NORM_ARGS = (Bound(2, "weight"), Bound(3, "bias"), Bound(4, "eps", 1e-5))
 
 def _gelu_words(x: Any, approximate: str) -> str:
     return f"x*[Phi(x)]cst ({'tanh' if approximate == 'tanh' else 'erf'} GELU)"
+
+
+# The elementwise rule's Libra ops: the degree of x, plus phi(0) as a bias (a 0-dim buffer the
+# rule adds, None where phi(0) = 0) that enters every element alike.
+_PHI0 = Arguments(((1, "phi0"),), implicit=((1, "phi0"),))
+
+
+def _elementwise(target: Callable, args: tuple[Bound, ...] = (_X,), **spellings: Any
+                 ) -> tuple[Op, Op]:
+    """An elementwise op phi that the elementwise rule makes phi(0) + x*[(phi(x)-phi(0))/x]cst,
+    and its Libra form (``runtime/elementwise.py``): one entry in the table."""
+    libra = elementwise.secant_form(target)
+    words = f"phi(0) + x*[(phi(x)-phi(0))/x]cst ({target.__name__})"
+    return (Op(target, libra=Replacement("elementwise", libra, words, args), **spellings),
+            Op(libra, Product(((0, "x"),)), _PHI0, forward_of=target,
+               bias_map=BiasMap.TRAILING))
+
+
+_ALPHA = Bound(1, "alpha", 1.0)
 
 
 _RECORDS: tuple[Op, ...] = (
@@ -100,6 +119,23 @@ _RECORDS: tuple[Op, ...] = (
         "gate", ops.libra_silu, "x*[sigmoid(x)]cst (SiLU)", (_X,), Preserving())),
     Op(F.glu, libra=Replacement("gate", ops.libra_glu, "a*[sigmoid(b)]cst (GLU)",
                                 (_X, Bound(1, "dim", -1)), Preserving())),
+    # --- elementwise: phi(0) + x*[(phi(x)-phi(0))/x]cst, phi(0) a bias where it is not 0 ---
+    *_elementwise(torch.tanh, methods=("tanh",), aliases=(F.tanh,), modules=(nn.Tanh,)),
+    *_elementwise(torch.sigmoid, methods=("sigmoid",), aliases=(F.sigmoid, torch.special.expit),
+                  modules=(nn.Sigmoid,)),
+    *_elementwise(torch.erf, methods=("erf",), aliases=(torch.special.erf,)),
+    *_elementwise(F.hardswish, modules=(nn.Hardswish,)),
+    *_elementwise(F.hardsigmoid, modules=(nn.Hardsigmoid,)),
+    *_elementwise(F.softplus, (_X, Bound(1, "beta", 1.0), Bound(2, "threshold", 20.0)),
+                  modules=(nn.Softplus,), module_args=("beta", "threshold")),
+    *_elementwise(F.mish, modules=(nn.Mish,)),
+    *_elementwise(F.elu, (_X, _ALPHA), modules=(nn.ELU,), module_args=("alpha",)),
+    *_elementwise(F.selu, aliases=(torch.selu,), modules=(nn.SELU,)),
+    *_elementwise(F.celu, (_X, _ALPHA), aliases=(torch.celu,), modules=(nn.CELU,),
+                  module_args=("alpha",)),
+    *_elementwise(F.hardtanh, (_X, Bound(1, "min_val", -1.0), Bound(2, "max_val", 1.0)),
+                  modules=(nn.Hardtanh,), module_args=("min_val", "max_val")),
+    *_elementwise(F.relu6),
     # --- attention: the attention rule makes the probabilities constants ---
     Op(F.scaled_dot_product_attention, _SDPA, attention=AttentionRead.FUSED,
        libra=Replacement("attention", sdpa.libra_scaled_dot_product_attention,
@@ -145,12 +181,8 @@ _RECORDS: tuple[Op, ...] = (
     *(Op(f, Own(Clause.MASKED_FILL)) for f in (torch.masked_fill, "masked_fill")),
     Op(F.pad, Own(Clause.PAD)),
     # --- nonlinear ops with no rule yet: canonical spellings only ---
-    Op(torch.sigmoid, methods=("sigmoid",), aliases=(F.sigmoid, torch.special.expit),
-       modules=(nn.Sigmoid,)),
-    Op(torch.tanh, methods=("tanh",), aliases=(F.tanh,), modules=(nn.Tanh,)),
     Op(torch.exp, methods=("exp",)),
     Op(torch.log, methods=("log",)),
-    Op(torch.erf, methods=("erf",), aliases=(torch.special.erf,)),
     Op(torch.relu, Preserving(), methods=("relu",)),
     Op(F.relu, Preserving(), modules=(nn.ReLU,)),
 )
@@ -272,3 +304,8 @@ def canonical_methods() -> dict[str, Callable]:
 def module_spellings() -> dict[type, Callable]:
     """One-input built-in modules that become the canonical function they run."""
     return {m: op.target for op in TABLE.values() for m in op.modules}
+
+
+def module_arguments() -> dict[type, tuple[str, ...]]:
+    """The attributes of those modules that their function takes after the input, in order."""
+    return {m: op.module_args for op in TABLE.values() for m in op.modules if op.module_args}

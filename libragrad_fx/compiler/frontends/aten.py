@@ -30,6 +30,7 @@ _FUNCTIONS: dict[Any, Callable] = {
     aten.leaky_relu.default: F.leaky_relu, aten.hardtanh.default: F.hardtanh,
     aten.hardswish.default: F.hardswish, aten.hardsigmoid.default: F.hardsigmoid,
     aten.softplus.default: F.softplus, aten.mish.default: F.mish,
+    aten.selu.default: F.selu, aten.celu.default: F.celu, aten.relu6.default: F.relu6,
     aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
     aten.max_pool1d.default: F.max_pool1d, aten.max_pool2d.default: F.max_pool2d,
     aten.avg_pool1d.default: F.avg_pool1d, aten.avg_pool2d.default: F.avg_pool2d,
@@ -144,6 +145,8 @@ def _special(node: fx.Node) -> Call | None:
         return _arith(a, operator.sub, torch.sub)
     if t in (aten.rsub.Tensor, aten.rsub.Scalar):
         return _arith(a, operator.sub, torch.sub, swap=True)
+    if t is aten.elu.default and a["scale"] == 1 and a["input_scale"] == 1:
+        return _fn(F.elu, a["self"], a["alpha"])
     if t is aten.gelu.default:
         return _fn(F.gelu, a["self"], approximate=a["approximate"])
     if t is aten._softmax.default and not a["half_to_float"]:
