@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a previous coverage.json whose rows stand for the sections not run "
                         "(default OUT/coverage.json; only with --only)")
     p.add_argument("--no-sdpa", action="store_true", help="hf: eager rows only")
+    p.add_argument("--keys", metavar="K1,K2",
+                   help="run exactly these models (e.g. hf:LlamaForCausalLM@sdpa,"
+                        "torchvision:swin_t) in each of --tiers")
     p.add_argument("--families", help="comma-separated timm families (and/or open_clip)")
     p.add_argument("--limit", type=int, help="at most N models per tier")
     p.add_argument("--out", type=Path, help="where coverage.md/.json go (default docs/)")

@@ -12,6 +12,8 @@ config", not as a failure of libra_transform. Text models are called on ``inputs
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import time
 from typing import Any
 
@@ -43,23 +45,37 @@ SIZES = {
     "shared_expert_intermediate_size": 32, "num_experts": 4, "num_local_experts": 4,
     "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
     "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
-    "v_head_dim": 8, "num_key_value_groups": 1, "type_vocab_size": 2, "window_size": 4,
-    "num_groups": 4,
+    "v_head_dim": 8, "type_vocab_size": 2, "window_size": 4, "num_groups": 4,
+    "rotary_dim": 4, "n_words": VOCAB, "emb_dim": 32, "entity_vocab_size": 16,
+    "entity_emb_size": 16, "mamba_n_heads": 4, "d_latents": 32, "num_latents": 8,
+    "ffn_hidden_size": 64, "expert_ffn_hidden_size": 32,
 }
+# Sizes a default config leaves unset (None) that some models then read anyway.
+UNSET = ("head_dim", "num_key_value_heads", "n_routed_experts", "moe_intermediate_size")
+# Switches that must be off on a CPU without optional kernels.
+SWITCHES = {"use_mamba_kernels": False}
+# Kept equal to the hidden size where the default has them equal (SqueezeBERT, ALBERT-likes).
+TIED = ("embedding_size", "embed_dim", "projection_dim")
 STAGES = {"depths": lambda i, v: 1, "hidden_sizes": lambda i, v: 8 * 2 ** i,
           "num_heads": lambda i, v: 1, "embed_dims": lambda i, v: 8 * 2 ** i,
           "dims": lambda i, v: 8 * 2 ** i, "num_attention_heads": lambda i, v: 1}
 # Where the generic shrink fails: config kwargs per model_type, applied last.
-OVERRIDES: dict[str, dict[str, Any]] = {}
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    "mamba2": {"head_dim": 16},  # num_heads * head_dim == expand * hidden_size
+    # multi-head latent attention repeats its keys per head, not per key-value group
+    **{t: {"num_key_value_heads": 4} for t in ("deepseek_v2", "deepseek_v3", "longcat_flash")},
+}
 # Gentler attempts when the tiniest one does not build: leave these attributes at their default.
 KEEP = ((), ("image_size", "patch_size"), ("image_size", "patch_size", "head_dim", "embed_dim",
-                                            "hidden_sizes", "embed_dims", "dims"))
+                                            "hidden_sizes", "embed_dims", "dims", "dim"))
 
 
 class NoSmallConfig(Exception):
     """The class could not be built and run from a small config (not libra_transform's fault)."""
 
 
+@functools.lru_cache(maxsize=1)
 def classes() -> dict[str, tuple[str, str]]:
     """class name -> (task, model_type), every class of the three auto mappings (once each)."""
     from transformers.models.auto import modeling_auto
@@ -68,7 +84,8 @@ def classes() -> dict[str, tuple[str, str]]:
     for task, mapping in TASKS.items():
         for model_type, names in getattr(modeling_auto, mapping).items():
             for name in names if isinstance(names, tuple) else (names,):
-                found.setdefault(name, (task, model_type))
+                if name not in found or model_type in NAMED:  # llama, not code_llama
+                    found[name] = (task, model_type)
     return found
 
 
@@ -120,18 +137,31 @@ def _shrink_list(attr: str, value: list) -> list | None:
 def shrunk_kwargs(config: Any, keep: tuple[str, ...] = ()) -> dict[str, Any]:
     """Constructor kwargs that shrink ``config`` (a default instance): every size attribute it
     has, sub-configs recursively, token ids kept inside the shrunk vocabulary."""
+    from transformers import PretrainedConfig
+
     kwargs: dict[str, Any] = {}
+    hidden = getattr(config, "hidden_size", None)
     for attr, value in vars(config).items():
-        if attr in keep or isinstance(value, bool):
+        if attr in keep:
             continue
-        if attr in SIZES and isinstance(value, int) and value > SIZES[attr]:
+        if attr in SWITCHES:
+            kwargs[attr] = SWITCHES[attr]
+        elif isinstance(value, bool):
+            continue
+        elif attr in TIED and value == hidden and "hidden_size" not in keep:
+            kwargs[attr] = SIZES["hidden_size"]
+        elif attr in SIZES and isinstance(value, int) and value > SIZES[attr]:
+            kwargs[attr] = SIZES[attr]
+        elif attr in UNSET and value is None:
             kwargs[attr] = SIZES[attr]
         elif isinstance(value, list) and (small := _shrink_list(attr, value)) is not None:
             kwargs[attr] = small
+    common = PretrainedConfig().to_dict()  # not the sub-config's own: some reject them
     for attr in getattr(config, "sub_configs", {}) or {}:
         sub = getattr(config, attr, None)
         if sub is not None and hasattr(sub, "to_dict"):
-            kwargs[attr] = {**sub.to_dict(), **shrunk_kwargs(sub, keep)}
+            own = {k: v for k, v in sub.to_dict().items() if k not in common}
+            kwargs[attr] = {**own, **shrunk_kwargs(sub, keep)}
     vocab = kwargs.get("vocab_size", getattr(config, "vocab_size", None))
     for attr, value in vars(config).items():
         if attr.endswith("token_id") and isinstance(value, int) and vocab and value >= vocab:
@@ -156,10 +186,11 @@ def tiny_config(name: str, keep: tuple[str, ...] = ()) -> Any:
 
 
 def example(model: nn.Module, config: Any, name: str) -> tuple[str, Tensor]:
-    """The keyword and a random example input: ``pixel_values`` for image classifiers,
-    ``inputs_embeds`` (width of the input embedding) otherwise."""
+    """The keyword and a random example input: ``pixel_values`` for image classifiers that
+    take it, ``inputs_embeds`` (width of the input embedding) otherwise (ImageGPT)."""
     gen = torch.Generator().manual_seed(1)
-    if classes()[split_name(name)[0]][0] == "image":
+    takes = inspect.signature(model.forward).parameters
+    if classes()[split_name(name)[0]][0] == "image" and "pixel_values" in takes:
         vision = getattr(config, "vision_config", None) or config
         size = getattr(vision, "image_size", 64)  # 64: a CNN without a size
         size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
@@ -198,13 +229,18 @@ def build(name: str, device: str | torch.device = "cpu") -> tuple[nn.Module, tup
             break
         try:
             config = tiny_config(name, keep)
-            with torch.device("meta"):
-                params = sum(p.numel() for p in _model_class(split_name(name)[0])(config)
-                             .parameters())
+            cls = _model_class(split_name(name)[0])
+            try:  # counted on meta first, so that a big default is never allocated
+                with torch.device("meta"):
+                    params = sum(p.numel() for p in cls(config).parameters())
+            except Exception:  # noqa: BLE001 - some __init__s read values: count after building
+                params = 0
             if params > MAX_PARAMS:
                 raise NoSmallConfig(f"{params / 1e6:.0f}M parameters")
             with torch.device(device):
-                model = _model_class(split_name(name)[0])(config).eval()
+                model = cls(config).eval()
+            if (params := sum(p.numel() for p in model.parameters())) > MAX_PARAMS:
+                raise NoSmallConfig(f"{params / 1e6:.0f}M parameters")
             keyword, x = example(model, config, name)
             if torch.device(device).type != "meta":
                 with torch.no_grad(), contextlib.redirect_stdout(None):

@@ -142,6 +142,9 @@ def plan(args: argparse.Namespace, cache: Path) -> tuple[list[tuple[str, str]], 
 
     tiers = args.tiers.split(",")
     chosen = sections(args)
+    if args.keys:  # exactly these models, in each tier asked for
+        return [(k, t) for t in tiers for k in args.keys.split(",")
+                if split_key(k)[0] in chosen], []
     if args.quick:
         jobs = [(k, "static") for k in QUICK_STATIC] + [(k, "numeric") for k in QUICK_NUMERIC]
         return [j for j in jobs if j[1] in tiers and split_key(j[0])[0] in chosen], []
