@@ -142,12 +142,12 @@ def plan(args: argparse.Namespace, cache: Path) -> tuple[list[tuple[str, str]], 
 
     tiers = args.tiers.split(",")
     chosen = sections(args)
-    if args.keys:  # exactly these models, in each tier asked for
-        return [(k, t) for t in tiers for k in args.keys.split(",")
-                if split_key(k)[0] in chosen], []
-    if args.quick:
-        jobs = [(k, "static") for k in QUICK_STATIC] + [(k, "numeric") for k in QUICK_NUMERIC]
-        return [j for j in jobs if j[1] in tiers and split_key(j[0])[0] in chosen], []
+    if args.keys or args.quick:  # exactly these models, in each tier asked for (hf: numeric)
+        keys = args.keys.split(",") if args.keys else []
+        jobs = [(k, "static") for k in keys or QUICK_STATIC]
+        jobs += [(k, "numeric") for k in keys or QUICK_NUMERIC]
+        return [(k, t) for k, t in jobs if t in tiers and split_key(k)[0] in chosen
+                and (t == "numeric" or not k.startswith("hf:"))], []
     static: list[str] = []
     numeric: list[str] = []
     skipped: list[dict] = []

@@ -130,7 +130,7 @@ def new_rows() -> Iterator[dict[str, dict]]:
 def test_hf_and_torchvision_rows(new_rows: dict[str, dict]) -> None:
     from benchmarks.coverage_report import is_false_certificate
 
-    for key, row in new_rows.items():
+    for row in new_rows.values():
         assert row["status"] in ("certified", "uncertified"), row
         assert row["forward_identical"] is True and not is_false_certificate(row), row
         assert row["seconds"] > 0 and row["rel_error_f32"] is not None
@@ -205,3 +205,14 @@ def test_only_reuses_the_other_sections(tmp_path: Path) -> None:
     assert source == {"path": str(path), "command": "old", "date": "then"}
     with pytest.raises(SystemExit):
         sections(parse_args(["--only", "hf,nope"]))
+
+
+def test_keys_run_hf_in_the_numeric_tier_only() -> None:
+    from benchmarks.coverage import parse_args
+    from benchmarks.coverage_plan import plan
+
+    jobs, skipped = plan(parse_args(["--keys", "hf:LlamaForCausalLM,torchvision:swin_t"]), None)
+    assert sorted(jobs) == [("hf:LlamaForCausalLM", "numeric"), ("torchvision:swin_t", "numeric"),
+                            ("torchvision:swin_t", "static")] and skipped == []
+    jobs, _ = plan(parse_args(["--quick", "--only", "torchvision"]), None)
+    assert jobs and all(k.startswith("torchvision:") for k, _ in jobs)
