@@ -5,6 +5,7 @@ handles, and how well.
                                   [--out DIR] [--fresh] [--reuse FILE]
     python -m benchmarks.coverage --only hf,torchvision     # the other sections' rows reused
     python -m benchmarks.coverage --one timm:vit_tiny_patch16_224 --tier numeric
+    python -m benchmarks.coverage --only hf --keys hf:LlamaForCausalLM,hf:GPT2LMHeadModel
     python -m benchmarks.coverage --one hf:LlamaForCausalLM@sdpa
 
 Sections (``--only``, default all): timm, open_clip, hf, torchvision. Two tiers (random weights
