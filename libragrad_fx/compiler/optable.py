@@ -45,7 +45,7 @@ from .opspec import (
 _BIAS = Arguments(((2, "bias"),))
 _BIAS_3 = Arguments(((3, "bias"),))
 _LINEAR = Product(((0, "input"), (1, "weight")))
-_NORM_BIAS = _BIAS_3
+_NORM_BIAS = Arguments(((3, "bias"),))
 _LIBRA_NORM = Product(((0, "x"), (2, "weight")))
 _SDPA = Attention(qk=((0, "query"), (1, "key")), value=(2, "value"), masks=((3, "attn_mask"),))
 _MHA_BIAS = Arguments(((5, "in_proj_bias"), (7, "out_proj_bias")))
