@@ -2,12 +2,13 @@
 
 After this pass a GELU is ``F.gelu`` whether the model wrote ``nn.GELU()``, ``F.gelu`` or
 ``x.gelu()``-style code, so each rule matches one form. Every replacement calls the same kernel
-the original called, so the forward stays bit-identical. Eval-mode no-ops (Dropout, Identity)
-are removed.
+the original called, so the forward stays bit-identical. Eval-mode no-ops (Dropout, Identity,
+functional dropout with training=False, in place or not) are removed.
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable
 
@@ -30,6 +31,14 @@ _MODULE_ARGS: dict[type, tuple[str, ...]] = optable.module_arguments()  # alpha=
 # Arithmetic is canonicalised only in its plain two-operand form (no alpha=, rounding_mode=).
 _BINARY = (operator.mul, operator.matmul, operator.add, operator.sub, operator.truediv)
 _EVAL_NOOPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+# Functional dropout, out of place or in place, is its input when ``training`` is False or p
+# is 0 (the in-place form then leaves it as it is). Their ``training`` defaults differ
+# (F.dropout: True, F.alpha_dropout: False), so each is read from the signature.
+_DROPOUT_TRAINING_DEFAULT = {
+    f: inspect.signature(f).parameters["training"].default
+    for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+              F.feature_alpha_dropout)
+}
 
 
 def _params(graph: fx.Graph, node: fx.Node, module: nn.Module, *names: str, sub: str = "") -> list:
@@ -69,8 +78,18 @@ def _is_eval_batch_norm(m: nn.Module) -> bool:
     )
 
 
+def _inactive_dropout(node: fx.Node) -> bool:
+    """A functional dropout call that returns its input as it is (eval, or p = 0)."""
+    if node.op != "call_function" or node.target not in _DROPOUT_TRAINING_DEFAULT:
+        return False
+    training = arg(node, 2, "training", _DROPOUT_TRAINING_DEFAULT[node.target])
+    return training is False or arg(node, 1, "p", 0.5) == 0
+
+
 def _module_call(graph: fx.Graph, node: fx.Node, m: nn.Module) -> tuple | None:
     """(target, args, kwargs) of the functional form of a leaf module call, or None."""
+    if _own_forward(m, nn.Bilinear) and len(node.args) == 2 and not node.kwargs:
+        return torch.bilinear, (*node.args, *_params(graph, node, m, "weight", "bias")), {}
     if node.kwargs or len(node.args) != 1:
         return _mha_call(graph, node, m) if _own_forward(m, nn.MultiheadAttention) else None
     x = node.args[0]
@@ -146,6 +165,10 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_function" and "out" in node.kwargs and node.kwargs["out"] is None:
             # ``out=None`` is the default (F.normalize passes it on): it writes nothing in place.
             node.kwargs = {k: v for k, v in node.kwargs.items() if k != "out"}
+        if _inactive_dropout(node):
+            node.replace_all_uses_with(arg(node, 0, "input"))
+            graph.erase_node(node)
+            continue
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
             noop = isinstance(m, nn.Identity) or (isinstance(m, _EVAL_NOOPS) and not m.training)

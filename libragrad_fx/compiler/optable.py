@@ -43,6 +43,7 @@ from .opspec import (
 )
 
 _BIAS = Arguments(((2, "bias"),))
+_BIAS_3 = Arguments(((3, "bias"),))
 _LINEAR = Product(((0, "input"), (1, "weight")))
 _NORM_BIAS = Arguments(((3, "bias"),))
 _LIBRA_NORM = Product(((0, "x"), (2, "weight")))
@@ -83,8 +84,14 @@ _RECORDS: tuple[Op, ...] = (
        detached_params=True),
     *(Op(conv, _LINEAR, _BIAS, bias_map=BiasMap.CHANNELS)
       for conv in (F.conv1d, F.conv2d, F.conv3d)),
-    Op(torch.baddbmm, Product(((1, "batch1"), (2, "batch2"))), Arguments(((0, "input"),))),
-    Op(torch.addmm, Product(((1, "mat1"), (2, "mat2"))), Arguments(((0, "input"),))),
+    # beta * input + alpha * (a @ b) (GPT-2's Conv1D is addmm): beta and alpha are numbers
+    # the backward holds constant, so beta * input is a bias all the same (b . df/db carries
+    # the beta) and alpha leaves the product's degree as it is.
+    *(Op(f, Product(((1, a), (2, b))), Arguments(((0, "input"),)), methods=(f.__name__,))
+      for f, a, b in ((torch.addmm, "mat1", "mat2"), (torch.addmv, "mat", "vec"),
+                      (torch.baddbmm, "batch1", "batch2"), (torch.addbmm, "batch1", "batch2"))),
+    Op(torch.bilinear, Product(((0, "input1"), (1, "input2"), (2, "weight"))), _BIAS_3,
+       bias_map=BiasMap.TRAILING),
     Op(torch.addcmul, Product(((1, "tensor1"), (2, "tensor2"))), Arguments(((0, "input"),))),
     # --- normalisation: the norm rule makes the statistic a constant ---
     Op(F.layer_norm, None, _NORM_BIAS, bias_map=BiasMap.TRAILING, libra=Replacement(
@@ -198,7 +205,8 @@ _PRESERVING = _group((
     torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.roll, torch.flip,
     torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select, torch.sum, torch.mean,
     torch.cumsum, torch.clone, torch.gather, torch.index_select, torch.tile, torch.movedim,
-    torch.repeat_interleave, torch.diagonal, torch.t, F.leaky_relu,
+    torch.repeat_interleave, torch.diagonal, torch.t, torch.swapaxes, torch.swapdims,
+    F.leaky_relu,
     torch.abs, torch.amax, torch.amin, torch.sort, torch.topk,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
@@ -210,7 +218,7 @@ _PRESERVING = _group((
     "double", "mean", "sum", "chunk", "split", "unbind", "narrow", "select", "roll", "flip",
     "clone", "index_select", "gather", "cumsum", "relu",
     "t", "neg", "tile", "repeat_interleave", "movedim", "diagonal", "abs", "amax", "amin",
-    "std", "norm", "unfold", "sort", "topk",
+    "std", "norm", "unfold", "sort", "topk", "swapaxes", "swapdims",
     # built-in modules still called as modules after canonicalisation
     nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
     nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,

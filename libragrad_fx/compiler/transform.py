@@ -14,7 +14,7 @@ from .canonical import canonicalize
 from .certify import certify
 from .dataflow import Dataflow
 from .frontends.export import export_trace
-from .frontends.fx import trace
+from .frontends.fx import opaque_calls, trace
 from .graph_module import LibraGraphModule
 from .graph_utils import module_path, target_name
 from .report import Rewrite, RewriteReport
@@ -39,7 +39,10 @@ def trace_model(
     """The model as an FX graph, and which frontend produced it.
 
     ``auto`` tries symbolic tracing first (it keeps the user's modules and needs no input) and
-    falls back to torch.export, which needs ``example_inputs``.
+    falls back to torch.export, which needs ``example_inputs``, when tracing fails or leaves
+    fx-wrapped calls it could not step into on the gradient path (export runs their code, so
+    their ops are recorded); if export then fails, the fx graph is kept and the certificate
+    names those calls.
     """
     if frontend not in ("auto", "fx", "export"):
         raise LibraError(f"frontend must be 'auto', 'fx' or 'export', got {frontend!r}")
@@ -48,7 +51,7 @@ def trace_model(
     if frontend == "export":
         return export_trace(model, tuple(example_inputs)), "export"
     try:
-        return trace(model), "fx"
+        gm = trace(model)
     except TraceError as exc:
         if frontend == "fx":
             raise
@@ -58,6 +61,13 @@ def trace_model(
                 "example_inputs=(tensor,) with an input the model accepts."
             ) from exc.__cause__
         fx_failure = exc
+    else:
+        if frontend == "fx" or example_inputs is None or not opaque_calls(gm):
+            return gm, "fx"
+        try:
+            return export_trace(model, tuple(example_inputs)), "export"
+        except TraceError:
+            return gm, "fx"  # the certificate names the opaque calls
     try:
         return export_trace(model, tuple(example_inputs)), "export"
     except TraceError as exc:

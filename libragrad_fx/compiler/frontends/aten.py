@@ -47,6 +47,8 @@ _FUNCTIONS: dict[Any, Callable] = {
     aten.div.Tensor: operator.truediv, aten.div.Scalar: operator.truediv,
     aten.matmul.default: operator.matmul, aten.mm.default: operator.matmul,
     aten.bmm.default: torch.bmm, aten.baddbmm.default: torch.baddbmm,
+    aten.addmm.default: torch.addmm, aten.addmv.default: torch.addmv,
+    aten.addbmm.default: torch.addbmm, aten.bilinear.default: torch.bilinear,
     aten.mean.dim: torch.mean, aten.mean.default: torch.mean,
     aten.sum.dim_IntList: torch.sum, aten.sum.default: torch.sum,
     aten.var.correction: torch.var, aten.std.correction: torch.std,
@@ -75,6 +77,7 @@ _METHODS: dict[Any, str] = {
     aten.view.default: "view", aten.reshape.default: "reshape",
     aten._unsafe_view.default: "reshape",
     aten.permute.default: "permute", aten.transpose.int: "transpose", aten.t.default: "t",
+    aten.swapaxes.default: "swapaxes", aten.swapdims.default: "swapdims",
     aten.unsqueeze.default: "unsqueeze", aten.squeeze.default: "squeeze",
     aten.squeeze.dim: "squeeze", aten.squeeze.dims: "squeeze",
     aten.expand_as.default: "expand_as", aten.reshape_as.default: "reshape_as",
@@ -92,9 +95,10 @@ _COMPARISONS = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": o
                 "gt": operator.gt, "ge": operator.ge}
 _FUNCTIONS.update({getattr(aten, name).Tensor: op for name, op in _COMPARISONS.items()})
 _FUNCTIONS.update({getattr(aten, name).Scalar: op for name, op in _COMPARISONS.items()})
-# Eval-mode no-ops (dropout with train=False) and aliases: the node becomes its input.
-_DROPOUTS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
-             aten.feature_alpha_dropout.default)
+# Eval-mode no-ops (dropout with train=False, out of place or in place: dropout_ then leaves
+# its input as it is and returns it) and aliases: the node becomes its input.
+_DROPOUTS = tuple(getattr(aten, name + suffix).default for name in (
+    "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout") for suffix in ("", "_"))
 _PASSTHROUGH = (aten.alias.default,)
 # Checks of dtype and device baked in at export time; they would pin the graph to them.
 _METADATA_ASSERTS = (aten._assert_tensor_metadata.default,)
