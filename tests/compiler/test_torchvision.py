@@ -60,11 +60,6 @@ BACKBONES = {
                                          num_classes=10),
 }
 FRONTEND = {"swin": "export"}  # the rest: fx
-# COORDINATOR: maxvit's head has a tanh (Linear -> Tanh -> Linear), which only the general
-# elementwise rule (issue 14 item 3) covers. Until it is merged the test asserts that the tanh
-# is the ONLY violation left and checks the numbers on a copy whose tanh is an Identity. When the
-# rule is merged, delete "maxvit" from this dict: the model must then pass as it is.
-PENDING = {"maxvit": ("torch.tanh", "classifier.4")}
 BOUND = {torch.float32: 1e-4, torch.float64: 1e-10}
 TARGET = 3
 
@@ -85,12 +80,6 @@ def test_backbone_by_the_default_frontend(name: str) -> None:
         report = gm.libra_report
         assert report.frontend == FRONTEND.get(name, "fx")
         assert torch.equal(gm(x), model(x))
-        if name in PENDING:
-            assert [(v.op, v.module) for v in report.violations] == [PENDING[name]]
-            model = copy.deepcopy(model)
-            model.classifier[4] = nn.Identity().eval()  # the tanh's place (see PENDING)
-            gm = _compile(model, x)
-            report = gm.libra_report
         assert report.complete, report.violations
         assert completeness_error(gm, x, TARGET).relative.item() < BOUND[dtype]
         if dtype is torch.float64:
