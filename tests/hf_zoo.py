@@ -18,7 +18,7 @@ DECODER = dict(TEXT, num_key_value_heads=2, head_dim=8)
 VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
               image_size=32, patch_size=8)
 TOKENS = 5  # sequence length of the text inputs
-BATCH = 2
+BATCH = 1  # batch 1 exports once (static); tests of a symbolic batch ask for 2
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,6 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("dinov2", _hf("Dinov2Model", "Dinov2Config", **VISION), "pixel_values"),
     Entry("clip_vision", _hf("CLIPVisionModel", "CLIPVisionConfig", **VISION), "pixel_values"),
     Entry("clip_image_features", _clip_image_features, "pixel_values"),
-    Entry("clip_text", _hf("CLIPTextModel", "CLIPTextConfig", **TEXT), "inputs_embeds"),
     Entry("siglip", _hf("SiglipVisionModel", "SiglipVisionConfig", **VISION), "pixel_values"),
     Entry("swin", _hf("SwinForImageClassification", "SwinConfig", **_SWIN), "pixel_values",
           attentions=("eager",)),
@@ -124,4 +123,7 @@ ENTRIES: tuple[Entry, ...] = (
           "pixel_values", attentions=("eager",)),
 )
 BY_NAME = {e.name: e for e in ENTRIES}
+# CLIPTextModel has no ``inputs_embeds``: its forward pools at the end-of-text id, so it needs the
+# ids (test_hf checks the error says so).
+CLIP_TEXT = Entry("clip_text", _hf("CLIPTextModel", "CLIPTextConfig", **TEXT), "inputs_embeds")
 CASES = [(e.name, a) for e in ENTRIES for a in e.attentions]

@@ -322,6 +322,24 @@ def _fresh(root: dict, name: str) -> str:
     return out
 
 
+def _check_keywords(model: nn.Module, kwargs: dict) -> None:
+    """A TraceError naming the forward's parameters when it takes none of these keywords."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        raise TraceError(
+            f"{type(model).__name__}.forward takes no keyword {', '.join(map(repr, unknown))}; "
+            f"its parameters are: {', '.join(params)}. Pass example_inputs keyed by one of "
+            "them (a model that embeds its tokens only from ids needs a wrapper whose forward "
+            "takes the embeddings)."
+        )
+
+
 def export_trace(model: nn.Module, example_inputs: tuple | dict) -> fx.GraphModule:
     """Export ``model`` at ``example_inputs`` and express the graph in the canonical vocabulary.
 
@@ -340,6 +358,7 @@ def export_trace(model: nn.Module, example_inputs: tuple | dict) -> fx.GraphModu
             f"or a dict of keyword tensors, got {', '.join(wrong) or 'nothing'}. Wrap the "
             "model so that its forward takes tensors only."
         )
+    _check_keywords(model, kwargs)
     ep = _export(model, args, kwargs)
     try:
         gm = _rebuild(model, ep)
