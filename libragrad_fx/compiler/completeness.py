@@ -113,11 +113,10 @@ def _score(output: object, target: Target, index: int) -> Tensor:
         value = target(output)
     else:
         logits = _first_tensor(output)
-        if not isinstance(logits, Tensor) or logits.dim() not in (2, 3):
-            raise InputError("an integer target needs a model output of shape (batch, classes) "
-                             "or (batch, tokens, vocabulary); pass a callable target for other "
-                             "outputs")
-        logits = logits[:, -1] if logits.dim() == 3 else logits  # the next-token prediction
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            raise InputError("an integer target needs a model output of shape (batch, classes); "
+                             "pass a callable target for other outputs (a decoder's next token: "
+                             "lambda out: out.logits[:, -1, token])")
         cls = int(target[index]) if isinstance(target, Tensor) else int(target)
         if not 0 <= cls < logits.shape[1]:
             raise InputError(f"target class {cls} is out of range for an output with "
@@ -136,8 +135,8 @@ def completeness_error(model_or_gm: nn.Module, x: Tensor, target: Target, *,
     ``model_or_gm`` is a ``libra_transform`` result (its LibraGrad backward is measured) or any
     eval-mode model (measured as it is, through its vanilla graph). ``target`` is a class index
     (an int or one per sample) or a callable mapping the output of one sample to its score. An
-    integer target reads the output's first tensor (a ModelOutput's ``logits``): (batch,
-    classes), or (batch, tokens, vocabulary) at the last token (the next-token prediction).
+    integer target reads the output's first tensor (a ModelOutput's ``logits``), which must be
+    (batch, classes); score a decoder with a callable, ``lambda out: out.logits[:, -1, token]``.
     ``input_name`` is the keyword a plain model takes ``x`` as (``"inputs_embeds"``), as in
     ``libra_transform(model, example_inputs={input_name: x})``; a compiled module takes it
     positionally either way. Samples are run one at a time, since bias gradients are shared

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from libragrad_fx import (
+    InputError,
     TraceError,
     TransformBugError,
     completeness_error,
@@ -134,8 +135,10 @@ def test_embed_tokens_feeds_the_model_as_its_ids_do() -> None:
 
 def test_completeness_error_takes_a_plain_model_by_keyword() -> None:
     model, x, gm = compiled("qwen2", "eager")
-    vanilla = completeness_error(model, x[:1], 2, input_name="inputs_embeds").relative.item()
-    libra = completeness_error(gm, x[:1], 2).relative.item()
+    with pytest.raises(InputError, match="callable"):  # (batch, tokens, vocabulary) logits
+        completeness_error(gm, x[:1], 2)
+    vanilla = completeness_error(model, x[:1], score, input_name="inputs_embeds").relative.item()
+    libra = completeness_error(gm, x[:1], score).relative.item()
     assert vanilla > 1e-3 and libra < 1e-4, (vanilla, libra)
 
 
