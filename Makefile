@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install -c constraints.txt -e '.[test,bench]'
+	$(BIN)/pip install -c constraints.txt -e '.[test,bench,hf]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -158,6 +158,21 @@ def _contiguous_batch_norm_grads(graph: fx.Graph) -> None:
             node.replace_all_uses_with(wrapped, delete_user_cb=lambda u, w=wrapped: u is not w)
 
 
+def _delete_unused_submodules(gm: fx.GraphModule) -> None:
+    """Delete the submodules no node refers to, keeping everything under one that is.
+
+    ``GraphModule.delete_all_unused_submodules`` keeps only the paths the root graph names, so
+    it deletes the children of a referenced subgraph (a higher-order op's nested block) and
+    the graph then fails to run; here a referenced module keeps all it holds.
+    """
+    used = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for name in [name for name, _ in gm.named_modules() if name]:
+        keep = any(name == u or name.startswith(f"{u}.") or u.startswith(f"{name}.")
+                   for u in used)
+        if not keep:
+            gm.delete_submodule(name)
+
+
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite ``gm`` in place into the canonical vocabulary and return it."""
     graph = gm.graph
@@ -195,6 +210,6 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     _contiguous_batch_norm_grads(graph)
     graph.eliminate_dead_code()
     graph.lint()
-    gm.delete_all_unused_submodules()
+    _delete_unused_submodules(gm)
     gm.recompile()
     return gm
