@@ -21,6 +21,7 @@ from .bias import bias_sites
 from .canonical import canonicalize
 from .certify import certify
 from .dataflow import Dataflow
+from .frontends.embeddings import cut_at_embeddings, integer_input
 from .frontends.export import export_trace
 from .frontends.fx import opaque_calls, trace
 from .graph_module import LibraGraphModule
@@ -110,6 +111,7 @@ def libra_transform(
     strict: bool = False,
     example_inputs: tuple | dict | None = None,
     frontend: str = "auto",
+    from_embeddings: bool = False,
 ) -> LibraGraphModule:
     """The model's forward with LibraGrad's backward, as a GraphModule with ``libra_report``.
 
@@ -130,6 +132,10 @@ def libra_transform(
     ``gm(e)`` and ``gm(inputs_embeds=e)`` both work. Structured outputs (a ``ModelOutput``,
     tuple or dict) come back in the model's structure; a key/value cache is not computed
     (``use_cache=False`` for the trace, where the forward takes it).
+
+    ``from_embeddings=True`` explains a model that takes only token ids from their embeddings:
+    ``example_inputs={"input_ids": ids}``, and the compiled module takes
+    ``embed_tokens(model, ids)`` for those ids (frontends/embeddings.py says how).
     """
     if not isinstance(model, nn.Module):
         raise LibraError(f"libra_transform expects a torch.nn.Module, got {type(model).__name__}")
@@ -142,12 +148,18 @@ def libra_transform(
             "model.eval() before transforming it."
         )
     rules = tuple(libra() if rules is None else rules)
+    if from_embeddings and not isinstance(example_inputs, dict):
+        raise LibraError("from_embeddings=True needs example_inputs={'input_ids': ids}, the "
+                         "token ids whose embeddings are explained")
     if isinstance(example_inputs, dict):
         if frontend == "fx":
             raise LibraError(
                 "keyword example_inputs (a dict) are traced by torch.export: use "
                 "frontend='auto' or 'export', or pass the inputs as a positional tuple")
-        graph = _stage("trace", model, lambda: export_trace(model, example_inputs))
+        token_ids = integer_input(example_inputs) if from_embeddings else None
+        traced = _stage("trace", model, lambda: export_trace(model, example_inputs))
+        graph = traced if token_ids is None else _stage(
+            "embedding cut", model, lambda: cut_at_embeddings(traced, *token_ids))
         frontend = "export"
     else:
         graph, frontend = _stage("trace", model,

@@ -335,8 +335,8 @@ def _check_keywords(model: nn.Module, kwargs: dict) -> None:
         raise TraceError(
             f"{type(model).__name__}.forward takes no keyword {', '.join(map(repr, unknown))}; "
             f"its parameters are: {', '.join(params)}. Pass example_inputs keyed by one of "
-            "them (a model that embeds its tokens only from ids needs a wrapper whose forward "
-            "takes the embeddings)."
+            "them; a model that takes token ids only is explained from their embeddings with "
+            "example_inputs={'input_ids': ids} and from_embeddings=True."
         )
 
 
