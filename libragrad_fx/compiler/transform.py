@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -104,6 +105,32 @@ def trace_model(
         raise TraceError(f"both frontends failed. fx: {fx_failure} export: {exc}") from exc
 
 
+# Tracing runs on process-wide state that is not thread-safe: fx's patcher of wrapped
+# functions (CURRENT_PATCHER) and torch.export's tracing and fake-tensor modes. Two threads
+# compiling at once fail inside torch, so the trace stage holds this lock; everything after it
+# works on the graph of its own call.
+_TRACING = threading.RLock()
+
+
+def _trace(model: nn.Module, example_inputs: tuple | dict | None, frontend: str,
+           from_embeddings: bool) -> tuple[fx.GraphModule, str]:
+    """The trace stage: the model as a graph (cut at its embeddings if asked), its frontend."""
+    if isinstance(example_inputs, dict):
+        if frontend == "fx":
+            raise LibraError(
+                "keyword example_inputs (a dict) are traced by torch.export: use "
+                "frontend='auto' or 'export', or pass the inputs as a positional tuple")
+        token_ids = integer_input(example_inputs) if from_embeddings else None
+        traced = _stage("trace", model, lambda: export_trace(model, example_inputs))
+        graph = traced if token_ids is None else _stage(
+            "embedding cut", model, lambda: cut_at_embeddings(traced, *token_ids))
+        frontend = "export"
+    else:
+        graph, frontend = _stage("trace", model,
+                                 lambda: trace_model(model, example_inputs, frontend))
+    return graph, frontend
+
+
 def libra_transform(
     model: nn.Module,
     *,
@@ -151,19 +178,8 @@ def libra_transform(
     if from_embeddings and not isinstance(example_inputs, dict):
         raise LibraError("from_embeddings=True needs example_inputs={'input_ids': ids}, the "
                          "token ids whose embeddings are explained")
-    if isinstance(example_inputs, dict):
-        if frontend == "fx":
-            raise LibraError(
-                "keyword example_inputs (a dict) are traced by torch.export: use "
-                "frontend='auto' or 'export', or pass the inputs as a positional tuple")
-        token_ids = integer_input(example_inputs) if from_embeddings else None
-        traced = _stage("trace", model, lambda: export_trace(model, example_inputs))
-        graph = traced if token_ids is None else _stage(
-            "embedding cut", model, lambda: cut_at_embeddings(traced, *token_ids))
-        frontend = "export"
-    else:
-        graph, frontend = _stage("trace", model,
-                                 lambda: trace_model(model, example_inputs, frontend))
+    with _TRACING:
+        graph, frontend = _trace(model, example_inputs, frontend, from_embeddings)
     gm = _stage("canonicalisation", model, lambda: canonicalize(graph))
     rewrites = [r for rule in rules
                 for r in _stage(f"rewrite ({rule.name} rule)", model, lambda rule=rule:
@@ -190,7 +206,10 @@ def libra_transform(
         warnings.warn(
             f"{report.model} is not certified complete ({count} violation(s)): {listing}; "
             "see the report.", LibraWarning, stacklevel=2)
+    # eval(): the module containers fx creates along the paths to the model's own (eval)
+    # modules start in training mode; the model's modules are eval already, so nothing of
+    # theirs changes
     result = _stage("packaging", model, lambda: LibraGraphModule(
-        gm, gm.graph, class_name=f"Libra{type(model).__name__}"))
+        gm, gm.graph, class_name=f"Libra{type(model).__name__}").eval())
     result.libra_report = report
     return result
