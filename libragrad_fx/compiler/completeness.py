@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..errors import InputError, LibraError
 from .bias import BiasSite
 from .graph_module import LibraGraphModule
+from .input_check import check_input
 
 Target = int | Tensor | Callable[[Tensor], Tensor]
 _BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training",
@@ -117,7 +118,8 @@ def _score(output: object, target: Target, index: int) -> Tensor:
             raise InputError("an integer target needs a model output of shape (batch, classes); "
                              "pass a callable target for other outputs (a decoder's next token: "
                              "lambda out: out.logits[:, -1, token])")
-        cls = int(target[index]) if isinstance(target, Tensor) else int(target)
+        cls = int(target.reshape(-1)[index if target.numel() > 1 else 0]) if isinstance(
+            target, Tensor) else int(target)
         if not 0 <= cls < logits.shape[1]:
             raise InputError(f"target class {cls} is out of range for an output with "
                              f"{logits.shape[1]} classes")
@@ -126,6 +128,19 @@ def _score(output: object, target: Target, index: int) -> Tensor:
         raise InputError(f"the target must give one score per sample, got shape "
                          f"{tuple(value.shape)} for one sample")
     return value.reshape(())
+
+
+def _check_target(target: object, batch: int) -> None:
+    """A class index (an int, or integers one per sample) or a callable; else one line."""
+    if callable(target) and not isinstance(target, Tensor):
+        return
+    if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
+        raise InputError(f"completeness_error's target is a class index (an int or a tensor "
+                         f"of one per sample) or a callable on the output; got {target!r}")
+    if isinstance(target, Tensor) and (target.is_floating_point() or target.dim() > 1
+                                       or target.numel() not in (1, batch)):
+        raise InputError(f"a target tensor holds one class index per sample ({batch} here); "
+                         f"got shape {tuple(target.shape)} ({target.dtype})")
 
 
 def completeness_error(model_or_gm: nn.Module, x: Tensor, target: Target, *,
@@ -142,8 +157,9 @@ def completeness_error(model_or_gm: nn.Module, x: Tensor, target: Target, *,
     positionally either way. Samples are run one at a time, since bias gradients are shared
     across a batch.
     """
-    if not isinstance(x, Tensor) or x.dim() == 0:
-        raise InputError("completeness_error needs a batched input tensor")
+    check_input(x, "completeness_error", model=model_or_gm if isinstance(model_or_gm, nn.Module)
+                else None)
+    _check_target(target, x.shape[0])
     if isinstance(model_or_gm, LibraGraphModule):
         gm = model_or_gm
     else:

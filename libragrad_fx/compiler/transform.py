@@ -175,6 +175,11 @@ def libra_transform(
             "model.eval() before transforming it."
         )
     rules = tuple(libra() if rules is None else rules)
+    wrong = [r for r in rules if not isinstance(r, Rule)]
+    if wrong:
+        raise LibraError(
+            f"rules takes Rule objects, got {wrong[0]!r}; pick them with the preset's switches, "
+            "e.g. rules=libra(norm=False), or from libragrad_fx.rules.ALL_RULES")
     if from_embeddings and not isinstance(example_inputs, dict):
         raise LibraError("from_embeddings=True needs example_inputs={'input_ids': ids}, the "
                          "token ids whose embeddings are explained")
