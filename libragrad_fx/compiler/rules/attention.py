@@ -93,6 +93,18 @@ def _plain(product: fx.Node, softmax: fx.Node, flow: Dataflow) -> bool:
         for i, a in enumerate(product.args))
 
 
+def _renormalises(user: fx.Node, value: fx.Node) -> bool:
+    """``value / value.sum(-1)``: a mixture of probabilities renormalised by its own row sum
+    (gated positional attention) is still a matrix of probabilities."""
+    if not (is_call(user, operator.truediv) and len(user.args) == 2 and user.args[0] is value):
+        return False
+    total = through_passthrough(user.args[1])
+    reduces = is_call(total, torch.sum, torch.mean) or (
+        isinstance(total, fx.Node) and total.op == "call_method" and total.target in ("sum",
+                                                                                      "mean"))
+    return reduces and total.args[0] is value
+
+
 def _reaches_product(first: fx.Node, softmax: fx.Node, flow: Dataflow) -> bool:
     """Whether a linear path from ``softmax`` through its user ``first`` multiplies an
     input-dependent value (other than by the plain form)."""
@@ -107,7 +119,7 @@ def _reaches_product(first: fx.Node, softmax: fx.Node, flow: Dataflow) -> bool:
         if dependent and is_call(user, *_PRODUCTS) and flow.needs_rule(user):
             if not _plain(user, softmax, flow):
                 return True
-        elif not dependent and _linear_in(user, value):
+        elif (not dependent and _linear_in(user, value)) or _renormalises(user, value):
             stack.extend((u, user) for u in user.users)
     return False
 
