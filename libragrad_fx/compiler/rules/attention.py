@@ -219,6 +219,7 @@ def _replace(graph: fx.Graph, node: fx.Node, payload) -> str:
         words = swap(node, payload.replacement)
         if payload.mask_carries_gradient:
             detach_use(graph, node, mask)
+            node.kwargs = {**node.kwargs, "mask_carries_gradient": True}
             words += "; the input-dependent mask (a logit term) constant too"
         if not cut:
             return words
