@@ -16,8 +16,10 @@ from .errors import (
     LibraWarning,
     TraceError,
     TrainingModeError,
+    TransformBugError,
     UncertifiedError,
 )
+from .loading.text import embed_tokens
 
 __all__ = [
     "ALL_RULES",
@@ -35,10 +37,12 @@ __all__ = [
     "Rule",
     "TraceError",
     "TrainingModeError",
+    "TransformBugError",
     "UncertifiedError",
     "Violation",
     "certify",
     "completeness_error",
+    "embed_tokens",
     "explain",
     "libra",
     "libra_transform",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from .engine import Needs, Readout
 from .one_pass import OnePass
 from .pixels import spread
@@ -129,14 +130,30 @@ def hirescam(p: Readout, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
     return block_io(p, n - 1), zero(p)
 
 
-def gradcam(p: Readout, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
-    h, g = p.h[n - 1], p.g[n - 1]
-    weights = g.mean(1, keepdim=True)
+def _cam_tokens(h: Tensor, g: Tensor, layout: Layout, tokens: str) -> tuple[Tensor, Tensor]:
+    """h and g over the tokens the CAM weights read: every token (DESIGN.md's form) or the
+    patch tokens only (pytorch-grad-cam's, whose ViT reshape drops the prefix tokens); the
+    prefix tokens' rows are zeros in the latter, so their map entries are 0."""
+    if tokens == "all":
+        return h, g
+    if tokens != "patches":
+        raise InputError(f"tokens must be 'all' or 'patches', got {tokens!r}")
+    keep = torch.ones(h.shape[1], dtype=h.dtype, device=h.device)
+    keep[:layout.prefix] = 0
+    return h * keep[:, None], g * keep[:, None]
+
+
+def gradcam(p: Readout, layout: Layout, n: int, tokens: str = "all") -> tuple[Tensor, Tensor]:
+    h, g = _cam_tokens(p.h[n - 1], p.g[n - 1], layout, tokens)
+    count = h.shape[1] - (layout.prefix if tokens == "patches" else 0)
+    weights = g.sum(1, keepdim=True) / count
     return (weights * h).sum(-1), zero(p)
 
 
-def xgradcam_plus(p: Readout, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
-    h, g = p.h[n - 1].abs(), p.g[n - 1]
+def xgradcam_plus(p: Readout, layout: Layout, n: int, tokens: str = "all"
+                  ) -> tuple[Tensor, Tensor]:
+    h, g = _cam_tokens(p.h[n - 1], p.g[n - 1], layout, tokens)
+    h = h.abs()
     weights = (g * h).sum(1, keepdim=True) / h.sum(1, keepdim=True).clamp_min(1e-12)
     return (weights * h).sum(-1), zero(p)
 

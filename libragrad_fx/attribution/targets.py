@@ -1,9 +1,12 @@
 """What is explained: f(x), one score per sample, from the model's output.
 
 A class index (an int, or one per sample) gives its logit or, with ``score="probability"``, its
-softmax probability. A callable maps the output to the scores. For a CLIP model a text (a
-prompt, or several) or a text embedding gives f = 100·cos(image, text) with the text side
-fixed; under LibraGrad the image embedding's norm is a constant for the backward (the
+softmax probability; the logits are the output, or its ``logits`` entry for a dict or
+ModelOutput, or its first entry for a tuple. A callable maps the output, as the model returns
+it (a tensor, tuple, dict or ModelOutput), to the scores. A class index on a CLIP model is
+refused: its output is an embedding, and the index would name a coordinate of it. For a CLIP
+model a text (a prompt, or several) or a text embedding gives f = 100·cos(image, text) with the
+text side fixed; under LibraGrad the image embedding's norm is a constant for the backward (the
 L2-normalisation rule), so f stays complete.
 """
 
@@ -13,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ..errors import InputError
@@ -76,6 +80,12 @@ def resolve(target: object, model: nn.Module, *, score: str = "logit",
         return Target(_called(target))
     if isinstance(target, bool) or target is None:
         raise InputError(f"target must be a class index, a callable or a text; got {target!r}")
+    if has_text_tower(model):
+        raise InputError(
+            f"target {target!r} is a class index, but {type(model).__name__} is a CLIP model: "
+            "its output is an image embedding, so the index would explain one coordinate of "
+            "it. Pass a prompt or a text embedding, or target=lambda e: e[:, N] to explain "
+            "coordinate N on purpose")
     if isinstance(target, int):
         return Target(_class(score), torch.tensor([target]))
     indices = torch.as_tensor(target)
@@ -85,8 +95,27 @@ def resolve(target: object, model: nn.Module, *, score: str = "logit",
     return Target(_class(score), indices.reshape(-1))
 
 
+def batch_of(output: object) -> int | None:
+    """The batch size of a model output: the leading size of its first tensor."""
+    leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor) and t.dim()]
+    return leaves[0].shape[0] if leaves else None
+
+
+def logits_of(output: object) -> object:
+    """The class scores in an output: itself, its ``logits`` entry (a dict, a ModelOutput) or
+    the first entry of a tuple."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict):
+        return output.get("logits", output)
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    return output
+
+
 def _class(score: str) -> Score:
     def f(indices: Tensor, output: Tensor, libra: bool) -> Tensor:
+        output = logits_of(output)
         if not isinstance(output, Tensor) or output.dim() != 2:
             shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
             raise InputError(f"a class target needs an output of shape (batch, classes), got "
@@ -105,7 +134,7 @@ def _class(score: str) -> Score:
 def _called(function: Callable) -> Score:
     def f(table: None, output: Tensor, libra: bool) -> Tensor:
         value = function(output)
-        batch = output.shape[0] if isinstance(output, Tensor) else None
+        batch = batch_of(output)
         if not isinstance(value, Tensor) or value.dim() != 1 or value.shape[0] != batch:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise InputError(f"a callable target must return one score per sample, shape "

@@ -17,6 +17,23 @@ MODEL_HELP = ("digits:NAME (a shipped digits model: vit, mixer, eva, clip), a ti
               "open_clip:NAME or module:attr")
 
 
+def _add_picture(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("-o", "--output", default=default, metavar="FILE",
+                        help="where to write the picture; PNG, JPEG, PDF or SVG by the file's "
+                             "suffix (default: %(default)s)")
+    parser.add_argument("--scale", choices=("panel", "row", "grid"), default="panel",
+                        help="maps on their own scales (panel, the default), or one scale per "
+                             "row or for the whole grid, drawn as a colorbar, so that vanilla "
+                             "and Libra magnitudes compare")
+
+
+def _add_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=int, nargs="+", metavar="N",
+                        help="the input size, H W or one N for N×N: images are resized to it, "
+                             "and it is the example input the export frontend runs the model "
+                             "on (default: the size the model states, if it states one)")
+
+
 def _add_weights(parser: argparse.ArgumentParser) -> None:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", metavar="FILE",
@@ -52,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print the LibraGrad rewrite report of a model")
     rep.add_argument("model", help=MODEL_HELP + " (a CLIP model's image tower)")
     _add_weights(rep)
+    _add_size(rep)
     rep.add_argument("--json", action="store_true", help="print JSON for tools")
     rep.add_argument("--strict", action="store_true",
                      help="fail unless the result is certified complete")
@@ -59,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fx (symbolic tracing), export (torch.export), or fx then export")
     rep.set_defaults(run=_report)
 
-    exp = sub.add_parser("explain", help="draw attribution maps of images as a PNG")
+    exp = sub.add_parser("explain", help="draw attribution maps of images as a picture")
     exp.add_argument("--model", required=True, help=MODEL_HELP)
     _add_weights(exp)
     exp.add_argument("--image", required=True, nargs="+", metavar="FILE",
@@ -78,13 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vanilla and LibraGrad maps side by side")
     exp.add_argument("--level", choices=("token", "pixel"), default="token",
                      help="maps per patch token (default) or per pixel")
-    exp.add_argument("-o", "--output", default="libragrad-fx-explain.png", metavar="PNG",
-                     help="where to write the picture (default: %(default)s)")
+    exp.add_argument("--query", choices=("cls", "mean"), default=None,
+                     help="the attention methods' query row: the class token's (cls, their "
+                          "default) or the mean over tokens (for models without one)")
+    _add_size(exp)
+    exp.add_argument("--mean", type=float, nargs=3, metavar="M",
+                     help="per-channel input mean, for a model that does not state its own")
+    exp.add_argument("--std", type=float, nargs=3, metavar="S",
+                     help="per-channel input std, with --mean")
+    _add_picture(exp, "libragrad-fx-explain.png")
     exp.set_defaults(run=_explain)
 
     dem = sub.add_parser("demo", help="the shipped models on the shipped two-digit image")
-    dem.add_argument("-o", "--output", default="libragrad-fx-demo.png", metavar="PNG",
-                     help="where to write the picture (default: %(default)s)")
+    _add_picture(dem, "libragrad-fx-demo.png")
     dem.set_defaults(run=_demo)
     return parser
 

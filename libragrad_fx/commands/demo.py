@@ -125,5 +125,5 @@ def run(args: argparse.Namespace) -> None:
         rows += panels([query], results, METHODS, FORMS, label="digits:clip")
     title = (f"LibraGrad on two digits ({demo.labels[0]} and {demo.labels[1]}): "
              "vanilla and Libra maps of each target")
-    path = save_grid(rows, args.output, title=title)
+    path = save_grid(rows, args.output, title=title, scale=args.scale)
     print(f"\nwrote {path}")

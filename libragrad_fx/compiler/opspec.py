@@ -202,3 +202,4 @@ class Op:
     aliases: tuple[Callable, ...] = field(default=())  # functions canonicalised to target
     methods: tuple[str, ...] = field(default=())  # tensor methods canonicalised to target
     modules: tuple[type, ...] = field(default=())  # one-input modules canonicalised to target
+    module_args: tuple[str, ...] = field(default=())  # their attributes passed after the input

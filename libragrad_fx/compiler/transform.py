@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch.fx as fx
 from torch import nn
 
-from ..errors import LibraError, LibraWarning, TraceError, TrainingModeError, UncertifiedError
+from ..errors import (
+    LibraError,
+    LibraWarning,
+    TraceError,
+    TrainingModeError,
+    TransformBugError,
+    UncertifiedError,
+)
 from .bias import bias_sites
 from .canonical import canonicalize
 from .certify import certify
 from .dataflow import Dataflow
 from .frontends.export import export_trace
-from .frontends.fx import trace
+from .frontends.fx import opaque_calls, trace
 from .graph_module import LibraGraphModule
 from .graph_utils import module_path, target_name
 from .report import Rewrite, RewriteReport
@@ -33,13 +41,37 @@ def apply_rule(gm: fx.GraphModule, rule: Rule) -> list[Rewrite]:
     return rewrites
 
 
+_T = TypeVar("_T")
+
+
+def _stage(stage: str, model: nn.Module, run: Callable[[], _T]) -> _T:
+    """``run()``, with an unexpected exception turned into a TransformBugError naming the stage.
+
+    LibraErrors are the library's own answers and pass through; anything else raised inside
+    the transform is a bug of ours, never the user's, and is reported as one (cause chained).
+    """
+    try:
+        return run()
+    except LibraError:
+        raise
+    except Exception as exc:
+        raise TransformBugError(
+            f"libra_transform failed in its {stage} stage on {type(model).__name__}: "
+            f"{type(exc).__name__}: {exc}. Report this as a libragrad_fx bug (the model's "
+            "class and config, and this message)."
+        ) from exc
+
+
 def trace_model(
     model: nn.Module, example_inputs: tuple | None, frontend: str
 ) -> tuple[fx.GraphModule, str]:
     """The model as an FX graph, and which frontend produced it.
 
     ``auto`` tries symbolic tracing first (it keeps the user's modules and needs no input) and
-    falls back to torch.export, which needs ``example_inputs``.
+    falls back to torch.export, which needs ``example_inputs``, when tracing fails or leaves
+    fx-wrapped calls it could not step into on the gradient path (export runs their code, so
+    their ops are recorded); if export then fails, the fx graph is kept and the certificate
+    names those calls.
     """
     if frontend not in ("auto", "fx", "export"):
         raise LibraError(f"frontend must be 'auto', 'fx' or 'export', got {frontend!r}")
@@ -48,7 +80,7 @@ def trace_model(
     if frontend == "export":
         return export_trace(model, tuple(example_inputs)), "export"
     try:
-        return trace(model), "fx"
+        gm = trace(model)
     except TraceError as exc:
         if frontend == "fx":
             raise
@@ -58,6 +90,13 @@ def trace_model(
                 "example_inputs=(tensor,) with an input the model accepts."
             ) from exc.__cause__
         fx_failure = exc
+    else:
+        if frontend == "fx" or example_inputs is None or not opaque_calls(gm):
+            return gm, "fx"
+        try:
+            return export_trace(model, tuple(example_inputs)), "export"
+        except TraceError:
+            return gm, "fx"  # the certificate names the opaque calls
     try:
         return export_trace(model, tuple(example_inputs)), "export"
     except TraceError as exc:
@@ -69,7 +108,7 @@ def libra_transform(
     *,
     rules: Sequence[Rule] | None = None,
     strict: bool = False,
-    example_inputs: tuple | None = None,
+    example_inputs: tuple | dict | None = None,
     frontend: str = "auto",
 ) -> LibraGraphModule:
     """The model's forward with LibraGrad's backward, as a GraphModule with ``libra_report``.
@@ -83,6 +122,14 @@ def libra_transform(
     ``frontend`` picks how the model becomes a graph: ``"fx"`` (symbolic tracing), ``"export"``
     (torch.export at ``example_inputs``) or ``"auto"`` (fx, then export if it fails and
     ``example_inputs`` is given).
+
+    ``example_inputs`` is a tuple of positional tensors, or a dict of keyword tensors for a
+    model explained on a keyword input, e.g. ``{"inputs_embeds": e}`` for a Hugging Face text
+    model (see ``embed_tokens``) or ``{"pixel_values": x}``. A dict is traced by torch.export
+    (``"auto"`` goes straight to it); the compiled module's inputs take the keywords' names, so
+    ``gm(e)`` and ``gm(inputs_embeds=e)`` both work. Structured outputs (a ``ModelOutput``,
+    tuple or dict) come back in the model's structure; a key/value cache is not computed
+    (``use_cache=False`` for the trace, where the forward takes it).
     """
     if not isinstance(model, nn.Module):
         raise LibraError(f"libra_transform expects a torch.nn.Module, got {type(model).__name__}")
@@ -95,14 +142,29 @@ def libra_transform(
             "model.eval() before transforming it."
         )
     rules = tuple(libra() if rules is None else rules)
-    graph, frontend = trace_model(model, example_inputs, frontend)
-    gm = canonicalize(graph)
-    rewrites = [r for rule in rules for r in apply_rule(gm, rule)]
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    flow = Dataflow.of(gm)
-    report = RewriteReport(type(model).__name__, tuple(r.name for r in rules), rewrites,
-                           certify(gm, flow), bias_sites(gm, flow), frontend)
+    if isinstance(example_inputs, dict):
+        if frontend == "fx":
+            raise LibraError(
+                "keyword example_inputs (a dict) are traced by torch.export: use "
+                "frontend='auto' or 'export', or pass the inputs as a positional tuple")
+        graph = _stage("trace", model, lambda: export_trace(model, example_inputs))
+        frontend = "export"
+    else:
+        graph, frontend = _stage("trace", model,
+                                 lambda: trace_model(model, example_inputs, frontend))
+    gm = _stage("canonicalisation", model, lambda: canonicalize(graph))
+    rewrites = [r for rule in rules
+                for r in _stage(f"rewrite ({rule.name} rule)", model, lambda rule=rule:
+                                apply_rule(gm, rule))]
+
+    def audit() -> RewriteReport:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        flow = Dataflow.of(gm)
+        return RewriteReport(type(model).__name__, tuple(r.name for r in rules), rewrites,
+                             certify(gm, flow), bias_sites(gm, flow), frontend)
+
+    report = _stage("certification", model, audit)
     if not report.complete:
         listing = "; ".join(f"{v.node} ({v.op}) in {v.module or '<root>'}: {v.why}"
                             for v in report.violations)
@@ -116,6 +178,7 @@ def libra_transform(
         warnings.warn(
             f"{report.model} is not certified complete ({count} violation(s)): {listing}; "
             "see the report.", LibraWarning, stacklevel=2)
-    result = LibraGraphModule(gm, gm.graph, class_name=f"Libra{type(model).__name__}")
+    result = _stage("packaging", model, lambda: LibraGraphModule(
+        gm, gm.graph, class_name=f"Libra{type(model).__name__}"))
     result.libra_report = report
     return result

@@ -7,9 +7,12 @@ that know how each library is asked for a model; the compiler and the attributio
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ class LoadedModel:
     name: str
     preprocessing: Preprocessing
     tokenizer: Callable | None = None
+    random_weights: bool = False  # no shipped, pretrained or checkpoint weights were loaded
 
     @property
     def has_text(self) -> bool:
@@ -63,7 +67,8 @@ def load(spec: str, *, checkpoint: str | Path | None = None,
         loaded = _user(spec, prefix, name, pretrained)
     if checkpoint is not None:
         load_checkpoint(loaded.model, checkpoint, spec)
-    return loaded
+    random = checkpoint is None and not pretrained and prefix != "digits"
+    return replace(loaded, random_weights=random)
 
 
 def load_model(spec: str, *, checkpoint: str | Path | None = None,
@@ -138,20 +143,51 @@ def _tag(pretrained: Pretrained, tags: list[str], none: str) -> str | None:
     return pretrained
 
 
+@contextlib.contextmanager
+def _cwd_importable() -> Iterator[None]:
+    """The current folder on ``sys.path`` while a ``module:attr`` is imported, as ``python -m``
+    would have it, and taken off again after."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def _user(spec: str, prefix: str, name: str, pretrained: Pretrained) -> LoadedModel:
     if pretrained:
         raise LibraError(f"--pretrained serves timm and open_clip names; for {spec!r} pass "
                          "--checkpoint FILE (a state_dict in .pt, .pth or .safetensors)")
     try:
-        obj = getattr(importlib.import_module(prefix), name)
+        with _cwd_importable():
+            obj = getattr(importlib.import_module(prefix), name)
     except (ImportError, AttributeError) as exc:
         raise LibraError(f"cannot load {spec!r}: {exc}") from exc
-    model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
-    if not isinstance(model, nn.Module):
-        raise LibraError(f"{spec!r} is a {type(model).__name__}, not a torch.nn.Module")
-    x = example_input(model)
-    prep = Preprocessing(size=None if x is None else tuple(x.shape[-2:]))
-    return LoadedModel(model.eval(), spec, prep)
+    if callable(obj) and not isinstance(obj, nn.Module):
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise LibraError(f"cannot load {spec!r}: calling {name}() failed "
+                             f"({type(exc).__name__}: {exc}); point at a model instance, or at "
+                             "a function or class that builds one with no arguments") from exc
+    if not isinstance(obj, nn.Module):
+        raise LibraError(f"{spec!r} is a {type(obj).__name__}, not a torch.nn.Module")
+    x = example_input(obj)
+    return LoadedModel(obj.eval(), spec, _stated(obj, None if x is None else x.shape[-2:]))
+
+
+def _stated(model: nn.Module, size) -> Preprocessing:
+    """What a user's model states about its input: timm's data config if it carries one."""
+    config = getattr(model, "pretrained_cfg", None) or {}
+    if "mean" in config and "std" in config:
+        return Preprocessing(size=None if size is None else tuple(size),
+                             mean=tuple(config["mean"]), std=tuple(config["std"]),
+                             interpolation=config.get("interpolation", "bilinear"))
+    return Preprocessing(size=None if size is None else tuple(size), stated=False)
 
 
 def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor | None:

@@ -12,9 +12,11 @@ from torch import Tensor
 
 from ..attribution import Explanation
 from ..errors import InputError
+from .checks import finite_map
 
 
-def _at_mask_size(attribution: Tensor | Explanation, mask: Tensor, name: str) -> Tensor:
+def _at_mask_size(attribution: Tensor | Explanation, mask: Tensor, name: str,
+                  metric: str) -> Tensor:
     if not isinstance(mask, Tensor) or mask.dim() != 3:
         raise InputError(f"{name} must be a (B, H, W) tensor")
     size = tuple(mask.shape[-2:])
@@ -27,7 +29,7 @@ def _at_mask_size(attribution: Tensor | Explanation, mask: Tensor, name: str) ->
     if tuple(attribution.shape[-2:]) != size:
         attribution = F.interpolate(attribution[:, None].float(), size=size, mode="bilinear",
                                     align_corners=False)[:, 0]
-    return attribution.detach()
+    return finite_map(attribution.detach(), metric)
 
 
 def average_precision(attribution: Tensor | Explanation, mask: Tensor) -> Tensor:
@@ -40,7 +42,7 @@ def average_precision(attribution: Tensor | Explanation, mask: Tensor) -> Tensor
     ``nanmean``). The map is taken as it is (signed); clamp it first to rank only positive
     evidence.
     """
-    scores = _at_mask_size(attribution, mask, "mask").flatten(1).double()
+    scores = _at_mask_size(attribution, mask, "mask", "average_precision").flatten(1).double()
     labels = mask.flatten(1).to(scores.device, torch.bool)
     order = scores.argsort(dim=1, descending=True, stable=True)
     ranked = scores.gather(1, order)
@@ -66,7 +68,8 @@ def class_discrimination(attribution: Tensor | Explanation, query: Tensor,
     object, 0 all on the other. When neither object gets any positive attribution the map
     prefers neither and the share is 0.5. Pixels in both masks count for both.
     """
-    positive = _at_mask_size(attribution, query, "query").clamp(min=0).double()
+    positive = _at_mask_size(attribution, query, "query", "class_discrimination")
+    positive = positive.clamp(min=0).double()
     if not isinstance(other, Tensor) or other.shape != query.shape:
         raise InputError("other must be a mask of the same shape as query")
     on_query = (positive * query.to(positive)).sum((1, 2))

@@ -24,6 +24,7 @@ from ..attribution import Explainer, Explanation
 from ..attribution.stream import TokenStream
 from ..attribution.targets import resolve
 from ..errors import InputError, TrainingModeError
+from .checks import finite_map
 from .plan import Plan, ranks
 from .removers import CannotDrop, PixelRemover, TokenRemover
 
@@ -173,7 +174,7 @@ def _patch_scores(attribution: Tensor | Explanation, batch: int,
         if grid is not None and tuple(grid) != shape:
             raise InputError(f"grid={grid} does not match the map's {shape}")
         grid = shape
-    scores = attribution.detach().flatten(1).float()
+    scores = finite_map(attribution.detach().flatten(1).float(), "token_removal")
     if grid is not None and grid[0] * grid[1] != scores.shape[1]:
         raise InputError(f"a {grid[0]}x{grid[1]} grid does not hold {scores.shape[1]} patches")
     return scores, grid

@@ -389,3 +389,18 @@ def test_class_discrimination():
     torch.testing.assert_close(share + class_discrimination(mixed, b, a), torch.ones(3))
     assert not math.isnan(float(class_discrimination(torch.zeros(1, 2, 2), a[:1, :2, :2],
                                                      b[:1, :2, :2])))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_map_that_is_not_finite_is_refused_by_every_metric(additive, bad):
+    model, x, means = additive
+    maps = means.reshape(3, GRID, GRID).clone()
+    maps[1, 0, 0] = bad
+    mask = torch.zeros(3, SIDE, SIDE, dtype=torch.bool)
+    mask[:, :8, :8] = True
+    with pytest.raises(InputError, match=r"token_removal: the map has 1 NaN or .* \[1\]"):
+        token_removal(model, x, maps, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(InputError, match=r"average_precision: the map has 64 NaN"):
+        average_precision(maps.repeat_interleave(PATCH, 1).repeat_interleave(PATCH, 2), mask)
+    with pytest.raises(InputError, match=r"class_discrimination: the map has"):
+        class_discrimination(maps, mask[:, :GRID, :GRID], ~mask[:, :GRID, :GRID])
