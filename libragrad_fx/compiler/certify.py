@@ -204,9 +204,9 @@ _MHA_PRODUCT = ((3, "value"), (4, "in_proj_weight"), (6, "out_proj_weight"))
 
 def _module_attention(node: fx.Node, k: _Degrees, rule: ModuleAttention) -> Any:
     # The Libra form detaches q and k itself; both forms leave the masks as they are.
-    qk = () if rule.detaches_qk else ((1, "query"), (2, "key"))
-    _check_attention(node, k, qk, _MHA_MASKS)
-    value = _sum(node, k, _factors(node, k, _MHA_PRODUCT))
+    qk = () if rule.detaches_qk else rule.qk or ((1, "query"), (2, "key"))
+    _check_attention(node, k, qk, rule.masks or _MHA_MASKS)
+    value = _sum(node, k, _factors(node, k, rule.product or _MHA_PRODUCT))
     return None if value is None else (value, Degree(0))
 
 

@@ -70,9 +70,14 @@ class Attention(DegreeRule):
 @dataclass(frozen=True)
 class ModuleAttention(DegreeRule):
     """``nn.MultiheadAttention`` as a call: products of value and the projections, plus its
-    biases; ``detaches_qk`` where the op cuts q and k itself (its Libra form)."""
+    biases; ``detaches_qk`` where the op cuts q and k itself (its Libra form). The slots, when
+    given, say where the functional spelling (``F.multi_head_attention_forward``) keeps them;
+    None: the module call's (certify.py)."""
 
     detaches_qk: bool
+    qk: tuple[Slot, ...] | None = None
+    product: tuple[Slot, ...] | None = None  # value and the weights it is multiplied by
+    masks: tuple[Slot, ...] | None = None
 
 
 class Clause(enum.Enum):

@@ -49,6 +49,13 @@ _NORM_BIAS = Arguments(((3, "bias"),))
 _LIBRA_NORM = Product(((0, "x"), (2, "weight")))
 _SDPA = Attention(qk=((0, "query"), (1, "key")), value=(2, "value"), masks=((3, "attn_mask"),))
 _MHA_BIAS = Arguments(((5, "in_proj_bias"), (7, "out_proj_bias")))
+# F.multi_head_attention_forward: q, k; value and the weights it meets (packed or separate);
+# the masks; the in- and out-projection biases.
+_F_MHA_QK = ((0, "query"), (1, "key"))
+_F_MHA_PRODUCT = ((2, "value"), (5, "in_proj_weight"), (11, "out_proj_weight"),
+                  (20, "v_proj_weight"))
+_F_MHA_MASKS = ((16, "attn_mask"), (14, "key_padding_mask"))
+_F_MHA_BIAS = Arguments(((6, "in_proj_bias"), (12, "out_proj_bias")))
 _X = Bound(0, "input", required=True)
 _NORM_ARGS = (Bound(2, "weight"), Bound(3, "bias"), Bound(4, "eps", 1e-5))
 
@@ -155,6 +162,13 @@ _RECORDS: tuple[Op, ...] = (
                          "attention probabilities constant (q, k detached)")),
     Op(mha.libra_multihead_attention, ModuleAttention(detaches_qk=True), _MHA_BIAS,
        attention=AttentionRead.MODULE, forward_of=mha.multihead_attention),
+    *(Op(target, ModuleAttention(libra, _F_MHA_QK, _F_MHA_PRODUCT, _F_MHA_MASKS), _F_MHA_BIAS,
+         forward_of=F.multi_head_attention_forward if libra else None,
+         libra=None if libra else Replacement(
+             "attention", mha.libra_multi_head_attention_forward,
+             "attention probabilities constant (q, k detached; functional MHA)"))
+      for target, libra in ((F.multi_head_attention_forward, False),
+                            (mha.libra_multi_head_attention_forward, True))),
     Op(torch.softmax, methods=("softmax",), aliases=()),
     # --- self-gating: a product of n input-dependent factors, 1/n of the gradient each ---
     Op(operator.mul, Product(), methods=("mul",), aliases=(torch.mul, torch.multiply),
