@@ -84,6 +84,15 @@ class LibraTracer(fx.Tracer):
                 return inlined
         return super().create_proxy(kind, target, args, kwargs, *rest, **options)
 
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:
+                path = self.path_of_module(m)
+                self.failed_module = f"{path or '<root>'} ({type(m).__name__})"
+            raise
+
     def _steps_into(self, target: Any) -> bool:
         return (inspect.isfunction(target) and target in self._wrapped
                 and optable.record(target) is None)
@@ -106,15 +115,6 @@ class LibraTracer(fx.Tracer):
 
 def _last(graph: fx.Graph) -> fx.Node | None:
     return next(iter(reversed(graph.nodes)), None)
-
-    def call_module(self, m, forward, args, kwargs):
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_module is None:
-                path = self.path_of_module(m)
-                self.failed_module = f"{path or '<root>'} ({type(m).__name__})"
-            raise
 
 
 @contextmanager
