@@ -201,8 +201,9 @@ def example(model: nn.Module, config: Any, name: str) -> tuple[str, Tensor]:
 
 
 class KeywordCall(nn.Module):
-    """Calls ``model(**{keyword: x})`` and returns its output unchanged, so that the sweep can
-    treat an HF model as a one-tensor module (until ``as_positional`` is switched off)."""
+    """Calls ``model(**{keyword: x})`` and returns its output unchanged, so that the sweep's
+    own forward calls treat an HF model as a one-tensor module. The library never sees it:
+    coverage_run hands it ``model`` with ``example_inputs={keyword: x}``."""
 
     def __init__(self, model: nn.Module, keyword: str) -> None:
         super().__init__()
@@ -213,9 +214,7 @@ class KeywordCall(nn.Module):
 
 
 def as_positional(model: nn.Module, keyword: str) -> nn.Module:
-    """THE one place the sweep says how an HF model takes its input: through ``KeywordCall``.
-    When libra_transform and completeness_error take keyword example inputs
-    (``example_inputs={"inputs_embeds": e}``), return ``model`` here and pass the keyword there."""
+    """How the sweep calls an HF model on one tensor (see ``KeywordCall``)."""
     return KeywordCall(model, keyword)
 
 

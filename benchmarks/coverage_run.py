@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 import libragrad_fx
+from benchmarks.coverage_hf import KeywordCall
 from benchmarks.coverage_models import (
     build,
     count_params,
@@ -118,16 +119,27 @@ def _report_fields(gm: nn.Module) -> dict[str, Any]:
     }
 
 
+def _as_the_user_has_it(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """An HF model (the sweep calls it through ``KeywordCall``) goes to the library as it is,
+    with its keyword: ``example_inputs={"inputs_embeds": x}``, ``input_name=...``."""
+    if isinstance(model, KeywordCall):
+        return model.model, model.keyword
+    return model, None
+
+
 def _transform(model: nn.Module, x: Tensor) -> nn.Module:
+    model, keyword = _as_the_user_has_it(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return libragrad_fx.libra_transform(model, example_inputs=(x,), frontend="auto")
+        example = (x,) if keyword is None else {keyword: x}
+        return libragrad_fx.libra_transform(model, example_inputs=example, frontend="auto")
 
 
 def _relative(model_or_gm: nn.Module, x: Tensor, target: Callable) -> float:
+    model_or_gm, keyword = _as_the_user_has_it(model_or_gm)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = libragrad_fx.completeness_error(model_or_gm, x, target)
+        result = libragrad_fx.completeness_error(model_or_gm, x, target, input_name=keyword)
     return float(result.relative.max())
 
 
