@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .attribution import METHODS, Explainer, Explanation, explain
+from .attribution.targets import continuation_logprob, token_logit
 from .compiler.bias import BiasSite
 from .compiler.certify import Violation, certify
 from .compiler.completeness import Completeness, completeness_error
@@ -42,8 +43,10 @@ __all__ = [
     "Violation",
     "certify",
     "completeness_error",
+    "continuation_logprob",
     "embed_tokens",
     "explain",
     "libra",
     "libra_transform",
+    "token_logit",
 ]
