@@ -1,5 +1,5 @@
-"""The one check of an input that gradients will be taken at, shared by ``explain``,
-``completeness_error`` and the metrics.
+"""The one check of an input that a model will run on and gradients be taken at, shared by
+``explain``, ``completeness_error`` and the metrics.
 
 Each failure is one ``InputError`` naming what was passed and what is expected, before any
 work: what would otherwise surface as a torch error deep inside a traced graph (a dtype or
@@ -31,12 +31,13 @@ def _parameter(model: nn.Module | None) -> Tensor | None:
 
 
 def check_input(x: object, who: str, *, model: nn.Module | None = None,
-                rank: int | None = None) -> Tensor:
-    """``x`` unchanged if gradients can be taken at it for ``model``; else an InputError.
+                rank: int | None = None, gradients: bool = True) -> Tensor:
+    """``x`` unchanged if ``model`` can run on it (and, with ``gradients``, gradients can be
+    taken at it); else an InputError.
 
     Checked: a tensor, ``rank`` dimensions if given, a batch of at least one sample, a real
-    (not meta) floating-point tensor made outside inference mode, with finite values, on the
-    model's device and in its dtype.
+    (not meta) floating-point tensor, made outside inference mode when gradients are taken,
+    with finite values, on the model's device and in its dtype.
     """
     if not isinstance(x, Tensor):
         raise InputError(f"{who} takes a batched input tensor; got {describe(x)}")
@@ -51,7 +52,7 @@ def check_input(x: object, who: str, *, model: nn.Module | None = None,
         raise InputError(
             f"{who} takes a floating-point input to take gradients at; got {describe(x)}. For "
             "token ids, explain their embeddings (libragrad_fx.embed_tokens)")
-    if x.is_inference():
+    if gradients and x.is_inference():
         raise InputError(
             f"{who} got a tensor made under torch.inference_mode(), which cannot record a "
             f"backward: {describe(x)}. Make it outside inference mode (or x.clone() there)")
