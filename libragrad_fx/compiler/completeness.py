@@ -176,7 +176,7 @@ def completeness_error(model_or_gm: nn.Module, x: Tensor, target: Target, *,
         runner = _WithBiasLeaves(gm, sites)
         with torch.enable_grad():
             try:
-                out = runner.run(xi)
+                out = runner.run(xi.clone())  # a model may scale its input in place
             except LibraError:
                 raise
             except Exception as exc:

@@ -35,6 +35,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
 from ...errors import TraceError
 from .aten import to_canonical
+from .verify import check_reproduces
 
 _STATE = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 _SET_GRAD = torch.ops.higher_order.wrap_with_set_grad_enabled
@@ -361,8 +362,7 @@ def export_trace(model: nn.Module, example_inputs: tuple | dict) -> fx.GraphModu
     _check_keywords(model, kwargs)
     ep = _export(model, args, kwargs)
     try:
-        gm = _rebuild(model, ep)
-        return to_canonical(gm)
+        gm = to_canonical(_rebuild(model, ep))
     except TraceError:
         raise
     except Exception as exc:
@@ -371,3 +371,5 @@ def export_trace(model: nn.Module, example_inputs: tuple | dict) -> fx.GraphModu
             f"for the rewrite: {_reason(exc)}. Use frontend='fx' if the model allows it, and "
             "report this as a libragrad_fx bug."
         ) from exc
+    check_reproduces(model, gm, args, _trace_kwargs(model, kwargs))
+    return gm
