@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install -c constraints.txt -e '.[test,bench]'
+	$(BIN)/pip install -c constraints.txt -e '.[test,bench,hf]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,8 +23,10 @@ demo: setup
 golden: setup
 	$(BIN)/python -m tests.golden
 
+# every section; `make coverage COVERAGE_ARGS="--only hf,torchvision"` reruns only those (the
+# other sections' rows reused from the cache or docs/coverage.json)
 coverage: setup
-	$(BIN)/python -m benchmarks.coverage
+	$(BIN)/python -m benchmarks.coverage $(COVERAGE_ARGS)
 
 lint: setup
 	$(BIN)/ruff check libragrad_fx tests benchmarks

@@ -1,9 +1,15 @@
-"""Coverage sweep: which timm and open_clip models libra_transform handles, and how well.
+"""Coverage sweep: which timm, open_clip, Hugging Face and torchvision models libra_transform
+handles, and how well.
 
-    python -m benchmarks.coverage [--quick] [--families F,G] [--limit N] [--out DIR] [--fresh]
+    python -m benchmarks.coverage [--quick] [--only SECTIONS] [--families F,G] [--limit N]
+                                  [--out DIR] [--fresh] [--reuse FILE]
+    python -m benchmarks.coverage --only hf,torchvision     # the other sections' rows reused
     python -m benchmarks.coverage --one timm:vit_tiny_patch16_224 --tier numeric
+    python -m benchmarks.coverage --only hf --keys hf:LlamaForCausalLM,hf:GPT2LMHeadModel
+    python -m benchmarks.coverage --one hf:LlamaForCausalLM@sdpa
 
-Two tiers (random weights everywhere, nothing downloaded):
+Sections (``--only``, default all): timm, open_clip, hf, torchvision. Two tiers (random weights
+everywhere, nothing downloaded):
 
 - static: every model of the named timm families and every open_clip config (image tower),
   built on the meta device; traced by (fx / export / failed), rewrites per rule, certificate.
@@ -11,7 +17,14 @@ Two tiers (random weights everywhere, nothing downloaded):
   is under ``--cap`` parameters, with perturbed random weights at the default input size: the
   above, plus forward bit-identity and the completeness error of the rewritten and the original
   model in float64.
+- hf: every ``*ForImageClassification``, ``*ForSequenceClassification`` and ``*ForCausalLM``
+  class of transformers' auto mappings, numeric tier only, from a tiny config built generically
+  (benchmarks/coverage_hf.py; eager attention, plus an ``@sdpa`` row for the families issue 14
+  names); a class that does not build from a small config is reported, not counted against us.
+- torchvision: every classification model static, the smallest of each family numeric.
 
+With ``--only``, the rows of the sections not run come from the cache, else from ``--reuse``
+(default: the previous OUT/coverage.json), so that the report stays whole without rerunning them.
 Each model runs in a worker subprocess with a timeout. Finished rows are cached in
 ``benchmarks/build/coverage/`` so that a rerun resumes (``--fresh`` starts over). Writes
 ``OUT/coverage.md`` and ``OUT/coverage.json`` (default ``docs/``).
@@ -33,15 +46,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / "build" / "coverage"
 PARAM_CAP = 120_000_000
-QUICK_STATIC = ("timm:vit_tiny_patch16_224", "timm:swin_tiny_patch4_window7_224",
-                "timm:xcit_nano_12_p16_224", "open_clip:RN50", "open_clip:ViT-B-32")
-QUICK_NUMERIC = ("timm:vit_tiny_patch16_224", "timm:resnet18", "timm:gmlp_ti16_224",
-                 "open_clip:ViT-S-32")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a handful of models (output to cache)")
+    p.add_argument("--only", metavar="SECTIONS",
+                   help="comma-separated sections to run: timm, open_clip, hf, torchvision "
+                        "(default all); the others' rows are reused")
+    p.add_argument("--reuse", type=Path, metavar="FILE",
+                   help="a previous coverage.json whose rows stand for the sections not run "
+                        "(default OUT/coverage.json; only with --only)")
+    p.add_argument("--no-sdpa", action="store_true", help="hf: eager rows only")
+    p.add_argument("--keys", metavar="K1,K2",
+                   help="run exactly these models (e.g. hf:LlamaForCausalLM@sdpa,"
+                        "torchvision:swin_t) in each of --tiers")
     p.add_argument("--families", help="comma-separated timm families (and/or open_clip)")
     p.add_argument("--limit", type=int, help="at most N models per tier")
     p.add_argument("--out", type=Path, help="where coverage.md/.json go (default docs/)")
@@ -52,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cap", type=int, default=PARAM_CAP, help="numeric tier: max parameters")
     p.add_argument("--timeout-static", type=float, default=120.0)
     p.add_argument("--timeout-numeric", type=float, default=300.0)
+    p.add_argument("--timeout-hf", type=float, default=120.0, help="per hf class")
     p.add_argument("--one", metavar="KEY", help="run one model in-process, print its JSON row")
     p.add_argument("--tier", default="numeric", help="the tier of --one")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -77,88 +97,6 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
 
-def param_counts(families: list[str], args: argparse.Namespace, cache: Path) -> dict[str, Any]:
-    """Parameter counts (built on meta) of every model of ``families``, cached per version."""
-    import open_clip
-    import timm
-
-    path = cache / f"params-timm{timm.__version__}-open_clip{open_clip.__version__}.json"
-    counts: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    missing = [f for f in families if f"family:{f}" not in counts]
-    if missing:
-        from benchmarks.coverage_pool import run_jobs
-
-        bar = _progress(len(missing), "counting parameters")
-
-        def on_result(job: dict, result: Any, failure: str | None) -> None:
-            counts.update(result or {})
-            counts[f"family:{job['key']}"] = failure or "ok"
-            path.write_text(json.dumps(counts, indent=0))
-            if bar is not None:
-                bar.update()
-
-        run_jobs([{"tier": "count", "key": f} for f in missing], workers=args.workers,
-                 threads=1, timeout=lambda job: 900.0, logdir=cache, on_result=on_result)
-    return counts
-
-
-def plan(args: argparse.Namespace, cache: Path) -> tuple[list[tuple[str, str]], list[dict]]:
-    """The (key, tier) jobs to run, and the rows of models skipped for size."""
-    from benchmarks.coverage_models import (
-        NAMED_FAMILIES,
-        family,
-        image_tower,
-        is_named,
-        open_clip_names,
-        pixels,
-        smallest,
-        split_key,
-        timm_families,
-    )
-
-    tiers = args.tiers.split(",")
-    if args.quick:
-        jobs = [(k, "static") for k in QUICK_STATIC] + [(k, "numeric") for k in QUICK_NUMERIC]
-        return [j for j in jobs if j[1] in tiers], []
-    fams = timm_families()
-    chosen = args.families.split(",") if args.families else [*fams, "open_clip"]
-    unknown = [f for f in chosen if f not in fams and f != "open_clip"]
-    if unknown:
-        raise SystemExit(f"unknown families {unknown}; timm.list_modules() lists them")
-    clip = [f"open_clip:{n}" for n in open_clip_names()] if "open_clip" in chosen else []
-    static = [f"timm:{n}" for f in chosen if f in NAMED_FAMILIES for n in fams[f]] + clip
-    numeric: list[str] = []
-    skipped: list[dict] = []
-    counts: dict[str, Any] = {}
-    if "numeric" in tiers:
-        counts = param_counts(chosen, args, cache)
-        reps = [smallest(counts, [f"timm:{n}" for n in fams[f]]) for f in chosen if f in fams]
-        towers: dict[str, str] = {}
-        # the shortest name stands for configs sharing an image tower (ViT-B-32, not mt5-...)
-        for key in [k for k in reps if k] + sorted(clip, key=lambda k: (len(k), k)):
-            source, name = split_key(key)
-            why = None
-            if counts.get(key) is not None and counts[key] > args.cap:
-                why = f"{counts[key] / 1e6:.0f}M parameters > cap {args.cap / 1e6:.0f}M"
-            elif (same := towers.setdefault(image_tower(key), key)) != key:
-                why = f"same image tower as {same}"
-            if why is None:
-                numeric.append(key)
-                continue
-            if key not in static:  # not run numerically: still read its certificate
-                static.append(key)
-            skipped.append({"key": key, "tier": "numeric", "source": source, "name": name,
-                            "family": family(key), "named": is_named(key),
-                            "params": counts.get(key), "status": "skipped", "error": why})
-    if args.limit:
-        static, numeric = static[:args.limit], numeric[:args.limit]
-    # the slowest (parameters x pixels) first, so that no long job starts last
-    numeric.sort(key=lambda k: -(counts.get(k) or 0) * pixels(k))
-    jobs = [(k, "numeric") for k in numeric]
-    jobs += [(k, "static") for k in static] * ("static" in tiers)
-    return jobs, skipped
-
-
 def failure_row(job: dict, failure: str) -> dict:
     """The row of a job whose worker timed out or died."""
     from benchmarks.coverage_models import family, is_named, split_key
@@ -171,8 +109,26 @@ def failure_row(job: dict, failure: str) -> dict:
             "seconds": job.get("seconds")}
 
 
+def reuse(args: argparse.Namespace, out: Path, done: dict[tuple[str, str], dict],
+          run: tuple[str, ...]) -> tuple[list[dict], dict | None]:
+    """Rows of the sections not run: from the cache, else from a previous coverage.json (with
+    its skipped rows); and which report they came from."""
+    rows = {k: r for k, r in done.items() if r["source"] not in run}
+    path = args.reuse or out / "coverage.json"
+    source = None
+    if path.exists():
+        previous = json.loads(path.read_text())
+        for r in previous["rows"]:
+            if r["source"] not in run:
+                rows.setdefault((r["key"], r["tier"]), r)
+        meta = previous.get("meta", {})
+        source = {"path": str(path), "command": meta.get("command"), "date": meta.get("date")}
+    return list(rows.values()), source
+
+
 def sweep(args: argparse.Namespace) -> Path:
     """Run the sweep and write the report; returns the markdown file."""
+    from benchmarks.coverage_plan import plan, sections
     from benchmarks.coverage_pool import run_jobs
     from benchmarks.coverage_report import write_report
 
@@ -203,15 +159,22 @@ def sweep(args: argparse.Namespace) -> Path:
             bar.update()
 
     threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
-    timeouts = {"static": args.timeout_static, "numeric": args.timeout_numeric}
-    run_jobs(todo, workers=args.workers, threads=threads, logdir=cache,
-             timeout=lambda job: timeouts[job["tier"]], on_result=on_result)
+    timeouts = {"static": args.timeout_static, "numeric": args.timeout_numeric,
+                "hf": args.timeout_hf}
+    run_jobs(todo, workers=args.workers, threads=threads, logdir=cache, on_result=on_result,
+             timeout=lambda job: timeouts["hf" if job["key"].startswith("hf:") else job["tier"]])
     if bar is not None:
         bar.close()
+    out = args.out or (cache if args.quick else ROOT / "docs")
     rows = [done[j] for j in jobs if j in done] + skipped
+    reused, reused_from = ([], None) if args.quick or args.only is None else reuse(
+        args, out, done, sections(args))
+    rows += reused
     import open_clip
     import timm
     import torch
+    import torchvision
+    import transformers
 
     meta = {
         "command": "python -m benchmarks.coverage " + " ".join(sys.argv[1:]),
@@ -222,9 +185,10 @@ def sweep(args: argparse.Namespace) -> Path:
         "workers": args.workers, "threads_per_worker": threads, "param_cap": args.cap,
         "timeouts": timeouts,
         "versions": {"torch": torch.__version__, "timm": timm.__version__,
-                     "open_clip": open_clip.__version__},
+                     "open_clip": open_clip.__version__, "transformers": transformers.__version__,
+                     "torchvision": torchvision.__version__},
+        "sections": list(sections(args)), "rows_reused": len(reused), "reused_from": reused_from,
     }
-    out = args.out or (cache if args.quick else ROOT / "docs")
     return write_report(rows, meta, out)
 
 

@@ -1,7 +1,8 @@
 """The model zoo of the coverage sweep: which models, how to build them, their input sizes.
 
-A model is named ``timm:NAME`` or ``open_clip:NAME``; for open_clip only the image tower is
-built (from the config, so that no text tower, tokenizer or Hugging Face download is needed).
+A model is named ``timm:NAME``, ``open_clip:NAME``, ``hf:CLASS[@sdpa]`` (coverage_hf.py) or
+``torchvision:NAME`` (coverage_tv.py); for open_clip only the image tower is built (from the
+config, so that no text tower, tokenizer or Hugging Face download is needed).
 """
 
 from __future__ import annotations
@@ -46,11 +47,14 @@ def _skip_meta_init() -> Iterator[None]:
             setattr(torch.Tensor, name, method)
 
 
+SOURCES = ("timm", "open_clip", "hf", "torchvision")
+
+
 def split_key(key: str) -> tuple[str, str]:
     """``"timm:vit_tiny_patch16_224"`` -> ``("timm", "vit_tiny_patch16_224")``."""
     source, _, name = key.partition(":")
-    if source not in ("timm", "open_clip") or not name:
-        raise ValueError(f"model key must be timm:NAME or open_clip:NAME, got {key!r}")
+    if source not in SOURCES or not name:
+        raise ValueError(f"model key must be SOURCE:NAME, SOURCE one of {SOURCES}, got {key!r}")
     return source, name
 
 
@@ -83,6 +87,24 @@ def _open_clip_vision_cfg(name: str) -> tuple[dict, dict]:
     return cfg, vision
 
 
+def _source_module(source: str):
+    """The module that knows the models of ``source`` (hf or torchvision)."""
+    if source == "hf":
+        from benchmarks import coverage_hf as module
+    else:
+        from benchmarks import coverage_tv as module
+    return module
+
+
+def target_kind(key: str) -> str:
+    """What the explained score is: ``class`` (argmax logit), ``last token`` (argmax logit at
+    the last position, causal LMs) or ``feature`` (output[:, 0] of an embedding)."""
+    source, name = split_key(key)
+    if source == "hf":
+        return "last token" if family(key).startswith("hf/causal") else "class"
+    return "feature" if source == "open_clip" else "class"
+
+
 def image_tower(key: str) -> str:
     """What builds the image tower: equal strings build the same architecture (open_clip
     configs often share one and differ in the text tower only)."""
@@ -99,6 +121,8 @@ def family(key: str) -> str:
     source, name = split_key(key)
     if source == "timm":
         return _family_of_timm().get(name, "?")
+    if source in ("hf", "torchvision"):
+        return _source_module(source).family(name)
     _, vision = _open_clip_vision_cfg(name)
     if vision.get("timm_model_name"):
         return f"open_clip/timm:{_family_of_timm().get(vision['timm_model_name'], '?')}"
@@ -109,6 +133,9 @@ def family(key: str) -> str:
 def is_named(key: str) -> bool:
     """In the scope of the issue's promise: a named timm family, or an open_clip ViT config
     (open_clip's own VisionTransformer, or a timm trunk from a named family)."""
+    source, name = split_key(key)
+    if source in ("hf", "torchvision"):
+        return _source_module(source).is_named(name)
     fam = family(key)
     if fam == "open_clip/vit":
         return True
@@ -119,6 +146,10 @@ def build(key: str, device: str | torch.device = "cpu") -> tuple[nn.Module, tupl
     """The eval-mode model (random weights) and its default input size (C, H, W)."""
     source, name = split_key(key)
     logging.getLogger().setLevel(logging.ERROR)
+    if source == "hf":
+        from benchmarks.coverage_hf import build as build_hf
+
+        return build_hf(name, device)
     meta = torch.device(device).type == "meta"
     with torch.device(device), _skip_meta_init() if meta else contextlib.nullcontext():
         if source == "timm":
@@ -126,6 +157,10 @@ def build(key: str, device: str | torch.device = "cpu") -> tuple[nn.Module, tupl
 
             model = timm.create_model(name, pretrained=False)
             size = tuple(timm.data.resolve_model_data_config(model)["input_size"])
+        elif source == "torchvision":
+            from benchmarks.coverage_tv import build as build_tv
+
+            model, size = build_tv(name)
         else:
             from open_clip.model import _build_vision_tower
 
@@ -140,6 +175,10 @@ def build(key: str, device: str | torch.device = "cpu") -> tuple[nn.Module, tupl
 def pixels(key: str) -> int:
     """H·W of the default input, from the config alone (no model is built)."""
     source, name = split_key(key)
+    if source == "torchvision":
+        return _source_module(source).pixels(name)
+    if source == "hf":
+        return 1
     if source == "timm":
         import timm
 

@@ -19,7 +19,15 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 import libragrad_fx
-from benchmarks.coverage_models import build, count_params, family, is_named, split_key
+from benchmarks.coverage_hf import KeywordCall
+from benchmarks.coverage_models import (
+    build,
+    count_params,
+    family,
+    is_named,
+    split_key,
+    target_kind,
+)
 
 COMPLETE_TOL = 1e-4  # relative completeness error above which a certificate is false
 PERTURB = 0.02
@@ -78,10 +86,14 @@ def _first_tensor(output: Any) -> Tensor:
     return leaves[0]
 
 
-def make_target(output: Any, source: str) -> tuple[Callable[[Any], Tensor], str]:
-    """The explained score: the argmax class of a classifier, feature 0 of an embedding."""
+def make_target(output: Any, kind: str) -> tuple[Callable[[Any], Tensor], str]:
+    """The explained score: the argmax class of a classifier (at the last position for a causal
+    LM), feature 0 of an embedding; ``kind`` is coverage_models.target_kind's."""
     y = _first_tensor(output)
-    if source == "timm" and y.dim() == 2 and y.shape[1] > 1:
+    if kind == "last token" and y.dim() == 3:
+        tok = int(y[0, -1].argmax())
+        return (lambda out: _first_tensor(out)[:, -1, tok]), f"last token, class {tok}"
+    if kind == "class" and y.dim() == 2 and y.shape[1] > 1:
         cls = int(y[0].argmax())
         return (lambda out: _first_tensor(out)[:, cls]), f"class {cls}"
     return (lambda out: _first_tensor(out).flatten(1)[:, 0]), "output[:, 0]"
@@ -107,16 +119,27 @@ def _report_fields(gm: nn.Module) -> dict[str, Any]:
     }
 
 
+def _as_the_user_has_it(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """An HF model (the sweep calls it through ``KeywordCall``) goes to the library as it is,
+    with its keyword: ``example_inputs={"inputs_embeds": x}``, ``input_name=...``."""
+    if isinstance(model, KeywordCall):
+        return model.model, model.keyword
+    return model, None
+
+
 def _transform(model: nn.Module, x: Tensor) -> nn.Module:
+    model, keyword = _as_the_user_has_it(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return libragrad_fx.libra_transform(model, example_inputs=(x,), frontend="auto")
+        example = (x,) if keyword is None else {keyword: x}
+        return libragrad_fx.libra_transform(model, example_inputs=example, frontend="auto")
 
 
 def _relative(model_or_gm: nn.Module, x: Tensor, target: Callable) -> float:
+    model_or_gm, keyword = _as_the_user_has_it(model_or_gm)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = libragrad_fx.completeness_error(model_or_gm, x, target)
+        result = libragrad_fx.completeness_error(model_or_gm, x, target, input_name=keyword)
     return float(result.relative.max())
 
 
@@ -129,7 +152,6 @@ def _static(key: str, row: dict[str, Any]) -> None:
 
 
 def _numeric(key: str, row: dict[str, Any]) -> None:
-    source, _ = split_key(key)
     torch.manual_seed(0)
     model, size = _stage(row, "build", lambda: build(key, "cpu"), ours=False)
     perturb_(model)
@@ -144,7 +166,7 @@ def _numeric(key: str, row: dict[str, Any]) -> None:
     with torch.no_grad():
         out_ng = _stage(row, "forward_transformed", lambda: gm(x), ours=True)
     row["forward_identical"] = same_output(ref, out) and same_output(ref_ng, out_ng)
-    target, row["target"] = make_target(ref, source)
+    target, row["target"] = make_target(ref, target_kind(key))
     row["rel_error_f32"] = _stage(
         row, "completeness_float32", lambda: _relative(gm, x, target), ours=True)
     # float64 separates rounding from real violations: measure the rewritten and the original
@@ -167,6 +189,8 @@ def run_model(key: str, tier: str) -> dict[str, Any]:
         row["status"] = "certified" if row["certified"] else "uncertified"
     except Failed as failure:
         row.update(failure.fields)
+        if failure.fields["error_type"] == "NoSmallConfig":  # coverage_hf: not ours, not run
+            row["status"] = "no small config"
         if failure.fields["stage"] == "transform":
             traced = failure.fields["error_type"] == "TraceError"
             row["traced_by"] = "failed" if traced else "unknown"

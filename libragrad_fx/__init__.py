@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .attribution import METHODS, Explainer, Explanation, explain
+from .attribution.targets import continuation_logprob, token_logit
 from .compiler.bias import BiasSite
 from .compiler.certify import Violation, certify
 from .compiler.completeness import Completeness, completeness_error
@@ -16,8 +17,10 @@ from .errors import (
     LibraWarning,
     TraceError,
     TrainingModeError,
+    TransformBugError,
     UncertifiedError,
 )
+from .loading.text import embed_tokens
 
 __all__ = [
     "ALL_RULES",
@@ -35,11 +38,15 @@ __all__ = [
     "Rule",
     "TraceError",
     "TrainingModeError",
+    "TransformBugError",
     "UncertifiedError",
     "Violation",
     "certify",
     "completeness_error",
+    "continuation_logprob",
+    "embed_tokens",
     "explain",
     "libra",
     "libra_transform",
+    "token_logit",
 ]

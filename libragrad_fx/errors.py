@@ -23,5 +23,9 @@ class UncertifiedError(LibraError):
     """Strict mode: a nonlinear op on the gradient path was left without a rule."""
 
 
+class TransformBugError(LibraError):
+    """An unexpected failure inside a stage of ``libra_transform``: a libragrad_fx bug."""
+
+
 class LibraWarning(UserWarning):
     """Something was left untouched that the user should know about."""

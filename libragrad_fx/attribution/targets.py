@@ -173,3 +173,44 @@ def _encode_texts(model: nn.Module, texts: list[str], tokenizer: Callable | None
     device = next(model.parameters()).device
     with torch.no_grad():
         return model.encode_text(tokens.to(device)).float()
+
+
+def token_logit(token: int, position: int = -1) -> Callable[[object], Tensor]:
+    """A language-model target: the logit of ``token`` at ``position`` (default the last, the
+    next-token prediction), from an output of (batch, positions, vocabulary) logits or a
+    ModelOutput holding them."""
+    def score(output: object) -> Tensor:
+        logits = logits_of(output)
+        if not isinstance(logits, Tensor) or logits.dim() != 3:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise InputError(f"token_logit needs (batch, positions, vocabulary) logits, got "
+                             f"{shape}")
+        if not -logits.shape[1] <= position < logits.shape[1]:
+            raise InputError(f"position {position} is outside the {logits.shape[1]} positions")
+        if not 0 <= token < logits.shape[2]:
+            raise InputError(f"token {token} is outside the vocabulary of {logits.shape[2]}")
+        return logits[:, position, token]
+    return score
+
+
+def continuation_logprob(tokens: Sequence[int]) -> Callable[[object], Tensor]:
+    """A language-model target: log p(continuation | prompt) = Σ_i log softmax(logits at the
+    position before token i)[token i], for an input whose last ``len(tokens)`` tokens are the
+    continuation ``tokens``. Not homogeneous in the logits (the log-softmax), so its maps are
+    not complete the way a logit's are."""
+    wanted = torch.as_tensor(list(tokens), dtype=torch.long)
+    if wanted.dim() != 1 or wanted.numel() == 0:
+        raise InputError("continuation_logprob needs the continuation's token ids, one or more")
+
+    def score(output: object) -> Tensor:
+        logits = logits_of(output)
+        if not isinstance(logits, Tensor) or logits.dim() != 3:
+            raise InputError("continuation_logprob needs (batch, positions, vocabulary) logits")
+        n = wanted.numel()
+        if logits.shape[1] <= n:
+            raise InputError(f"a continuation of {n} tokens needs a prompt before it: the "
+                             f"input has {logits.shape[1]} positions")
+        before = logits[:, -n - 1:-1].log_softmax(-1)
+        picked = wanted.to(logits.device)[None, :, None].expand(logits.shape[0], n, 1)
+        return before.gather(2, picked)[..., 0].sum(1)
+    return score

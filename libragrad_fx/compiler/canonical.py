@@ -2,12 +2,13 @@
 
 After this pass a GELU is ``F.gelu`` whether the model wrote ``nn.GELU()``, ``F.gelu`` or
 ``x.gelu()``-style code, so each rule matches one form. Every replacement calls the same kernel
-the original called, so the forward stays bit-identical. Eval-mode no-ops (Dropout, Identity)
-are removed.
+the original called, so the forward stays bit-identical. Eval-mode no-ops (Dropout, Identity,
+functional dropout with training=False, in place or not) are removed.
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable
 
@@ -26,9 +27,18 @@ _METHODS: dict[str, Callable] = optable.canonical_methods()
 _ALIASES: dict[Callable, Callable] = optable.aliases()
 # One-input modules without parameters that become the function they run.
 _SIMPLE_MODULES: dict[type, Callable] = optable.module_spellings()
+_MODULE_ARGS: dict[type, tuple[str, ...]] = optable.module_arguments()  # alpha=, beta=, ...
 # Arithmetic is canonicalised only in its plain two-operand form (no alpha=, rounding_mode=).
 _BINARY = (operator.mul, operator.matmul, operator.add, operator.sub, operator.truediv)
 _EVAL_NOOPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+# Functional dropout, out of place or in place, is its input when ``training`` is False or p
+# is 0 (the in-place form then leaves it as it is). Their ``training`` defaults differ
+# (F.dropout: True, F.alpha_dropout: False), so each is read from the signature.
+_DROPOUT_TRAINING_DEFAULT = {
+    f: inspect.signature(f).parameters["training"].default
+    for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+              F.feature_alpha_dropout)
+}
 
 
 def _params(graph: fx.Graph, node: fx.Node, module: nn.Module, *names: str, sub: str = "") -> list:
@@ -68,8 +78,18 @@ def _is_eval_batch_norm(m: nn.Module) -> bool:
     )
 
 
+def _inactive_dropout(node: fx.Node) -> bool:
+    """A functional dropout call that returns its input as it is (eval, or p = 0)."""
+    if node.op != "call_function" or node.target not in _DROPOUT_TRAINING_DEFAULT:
+        return False
+    training = arg(node, 2, "training", _DROPOUT_TRAINING_DEFAULT[node.target])
+    return training is False or arg(node, 1, "p", 0.5) == 0
+
+
 def _module_call(graph: fx.Graph, node: fx.Node, m: nn.Module) -> tuple | None:
     """(target, args, kwargs) of the functional form of a leaf module call, or None."""
+    if _own_forward(m, nn.Bilinear) and len(node.args) == 2 and not node.kwargs:
+        return torch.bilinear, (*node.args, *_params(graph, node, m, "weight", "bias")), {}
     if node.kwargs or len(node.args) != 1:
         return _mha_call(graph, node, m) if _own_forward(m, nn.MultiheadAttention) else None
     x = node.args[0]
@@ -95,7 +115,7 @@ def _module_call(graph: fx.Graph, node: fx.Node, m: nn.Module) -> tuple | None:
         return F.gelu, (x,), {"approximate": m.approximate}
     for cls, fn in _SIMPLE_MODULES.items():
         if _own_forward(m, cls):
-            return fn, (x,), {}
+            return fn, (x, *(getattr(m, a) for a in _MODULE_ARGS.get(cls, ()))), {}
     if _own_forward(m, nn.GLU):
         return F.glu, (x, m.dim), {}
     if _own_forward(m, nn.Softmax) and m.dim is not None:
@@ -138,6 +158,21 @@ def _contiguous_batch_norm_grads(graph: fx.Graph) -> None:
             node.replace_all_uses_with(wrapped, delete_user_cb=lambda u, w=wrapped: u is not w)
 
 
+def _delete_unused_submodules(gm: fx.GraphModule) -> None:
+    """Delete the submodules no node refers to, keeping everything under one that is.
+
+    ``GraphModule.delete_all_unused_submodules`` keeps only the paths the root graph names, so
+    it deletes the children of a referenced subgraph (a higher-order op's nested block) and
+    the graph then fails to run; here a referenced module keeps all it holds.
+    """
+    used = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for name in [name for name, _ in gm.named_modules() if name]:
+        keep = any(name == u or name.startswith(f"{u}.") or u.startswith(f"{name}.")
+                   for u in used)
+        if not keep:
+            gm.delete_submodule(name)
+
+
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite ``gm`` in place into the canonical vocabulary and return it."""
     graph = gm.graph
@@ -145,6 +180,10 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_function" and "out" in node.kwargs and node.kwargs["out"] is None:
             # ``out=None`` is the default (F.normalize passes it on): it writes nothing in place.
             node.kwargs = {k: v for k, v in node.kwargs.items() if k != "out"}
+        if _inactive_dropout(node):
+            node.replace_all_uses_with(arg(node, 0, "input"))
+            graph.erase_node(node)
+            continue
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
             noop = isinstance(m, nn.Identity) or (isinstance(m, _EVAL_NOOPS) and not m.training)
@@ -171,6 +210,6 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     _contiguous_batch_norm_grads(graph)
     graph.eliminate_dead_code()
     graph.lint()
-    gm.delete_all_unused_submodules()
+    _delete_unused_submodules(gm)
     gm.recompile()
     return gm

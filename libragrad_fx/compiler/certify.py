@@ -137,10 +137,11 @@ def _sum(node: fx.Node, k: _Degrees, base: Any = _NO_PRODUCT) -> Any:
     if len(set(degrees)) > 1:
         listing = ", ".join(f"{what} (k={d})" for d, what, _ in terms)
         # A constant of the wrong degree is added here; an input term of the wrong degree was
-        # made upstream (an x*x meeting a residual), so the op that made it is to blame.
+        # made upstream (an x*x meeting a residual), so the op that made it is to blame; a
+        # product of degree-1 operands (bilinear(x, x) + b) is this op's own doing.
         odd = [value for d, _, value in terms if d != 1 and value is not None]
         if base is not _NO_PRODUCT and base != 1:
-            odd += [v for v in node.all_input_nodes if k.flow.depends_on_input(v)]
+            odd += [v for v in node.all_input_nodes if k.flow.depends_on_input(v) and k(v) != 1]
         inputs_only = all(k.flow.depends_on_input(v) for v in odd)
         blamed = next((k.blame(v) for v in odd if k.blame(v) is not None), None)
         raise _Broken(f"adds terms of different degree: {listing}",
@@ -203,9 +204,9 @@ _MHA_PRODUCT = ((3, "value"), (4, "in_proj_weight"), (6, "out_proj_weight"))
 
 def _module_attention(node: fx.Node, k: _Degrees, rule: ModuleAttention) -> Any:
     # The Libra form detaches q and k itself; both forms leave the masks as they are.
-    qk = () if rule.detaches_qk else ((1, "query"), (2, "key"))
-    _check_attention(node, k, qk, _MHA_MASKS)
-    value = _sum(node, k, _factors(node, k, _MHA_PRODUCT))
+    qk = () if rule.detaches_qk else rule.qk or ((1, "query"), (2, "key"))
+    _check_attention(node, k, qk, rule.masks or _MHA_MASKS)
+    value = _sum(node, k, _factors(node, k, rule.product or _MHA_PRODUCT))
     return None if value is None else (value, Degree(0))
 
 

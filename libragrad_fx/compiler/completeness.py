@@ -15,11 +15,13 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ..errors import InputError, LibraError
 from .bias import BiasSite
 from .graph_module import LibraGraphModule
+from .input_check import check_input
 
 Target = int | Tensor | Callable[[Tensor], Tensor]
 _BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training",
@@ -100,34 +102,64 @@ class _WithBiasLeaves(fx.Interpreter):
         holder[key] = leaf
 
 
-def _score(output: Tensor, target: Target, index: int) -> Tensor:
+def _first_tensor(output: object) -> object:
+    """A structured output's first tensor (a ModelOutput's ``logits`` or ``last_hidden_state``)."""
+    if isinstance(output, Tensor):
+        return output
+    return next((v for v in pytree.tree_leaves(output) if isinstance(v, Tensor)), output)
+
+
+def _score(output: object, target: Target, index: int) -> Tensor:
     if callable(target) and not isinstance(target, Tensor):
         value = target(output)
-    elif not isinstance(output, Tensor) or output.dim() != 2:
-        raise InputError("an integer target needs a model output of shape (batch, classes); "
-                         "pass a callable target for other outputs")
     else:
-        cls = int(target[index]) if isinstance(target, Tensor) else int(target)
-        if not 0 <= cls < output.shape[1]:
+        logits = _first_tensor(output)
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            raise InputError("an integer target needs a model output of shape (batch, classes); "
+                             "pass a callable target for other outputs (a decoder's next token: "
+                             "lambda out: out.logits[:, -1, token])")
+        cls = int(target.reshape(-1)[index if target.numel() > 1 else 0]) if isinstance(
+            target, Tensor) else int(target)
+        if not 0 <= cls < logits.shape[1]:
             raise InputError(f"target class {cls} is out of range for an output with "
-                             f"{output.shape[1]} classes")
-        value = output[:, cls]
+                             f"{logits.shape[1]} classes")
+        value = logits[:, cls]
     if value.numel() != 1:
         raise InputError(f"the target must give one score per sample, got shape "
                          f"{tuple(value.shape)} for one sample")
     return value.reshape(())
 
 
-def completeness_error(model_or_gm: nn.Module, x: Tensor, target: Target) -> Completeness:
+def _check_target(target: object, batch: int) -> None:
+    """A class index (an int, or integers one per sample) or a callable; else one line."""
+    if callable(target) and not isinstance(target, Tensor):
+        return
+    if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
+        raise InputError(f"completeness_error's target is a class index (an int or a tensor "
+                         f"of one per sample) or a callable on the output; got {target!r}")
+    if isinstance(target, Tensor) and (target.is_floating_point() or target.dim() > 1
+                                       or target.numel() not in (1, batch)):
+        raise InputError(f"a target tensor holds one class index per sample ({batch} here); "
+                         f"got shape {tuple(target.shape)} ({target.dtype})")
+
+
+def completeness_error(model_or_gm: nn.Module, x: Tensor, target: Target, *,
+                       input_name: str | None = None) -> Completeness:
     """FullGrad-completeness of the model's gradient at ``x``, per sample.
 
     ``model_or_gm`` is a ``libra_transform`` result (its LibraGrad backward is measured) or any
     eval-mode model (measured as it is, through its vanilla graph). ``target`` is a class index
-    (an int or one per sample) or a callable mapping the output of one sample to its score.
-    Samples are run one at a time, since bias gradients are shared across a batch.
+    (an int or one per sample) or a callable mapping the output of one sample to its score. An
+    integer target reads the output's first tensor (a ModelOutput's ``logits``), which must be
+    (batch, classes); score a decoder with a callable, ``lambda out: out.logits[:, -1, token]``.
+    ``input_name`` is the keyword a plain model takes ``x`` as (``"inputs_embeds"``), as in
+    ``libra_transform(model, example_inputs={input_name: x})``; a compiled module takes it
+    positionally either way. Samples are run one at a time, since bias gradients are shared
+    across a batch.
     """
-    if not isinstance(x, Tensor) or x.dim() == 0:
-        raise InputError("completeness_error needs a batched input tensor")
+    check_input(x, "completeness_error", model=model_or_gm if isinstance(model_or_gm, nn.Module)
+                else None)
+    _check_target(target, x.shape[0])
     if isinstance(model_or_gm, LibraGraphModule):
         gm = model_or_gm
     else:
@@ -135,7 +167,8 @@ def completeness_error(model_or_gm: nn.Module, x: Tensor, target: Target) -> Com
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            gm = libra_transform(model_or_gm, rules=(), example_inputs=(x[:1],))
+            example = (x[:1],) if input_name is None else {input_name: x[:1]}
+            gm = libra_transform(model_or_gm, rules=(), example_inputs=example)
     sites = gm.libra_report.bias_sites
     rows = []
     for i in range(x.shape[0]):

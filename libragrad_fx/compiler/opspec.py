@@ -70,9 +70,14 @@ class Attention(DegreeRule):
 @dataclass(frozen=True)
 class ModuleAttention(DegreeRule):
     """``nn.MultiheadAttention`` as a call: products of value and the projections, plus its
-    biases; ``detaches_qk`` where the op cuts q and k itself (its Libra form)."""
+    biases; ``detaches_qk`` where the op cuts q and k itself (its Libra form). The slots, when
+    given, say where the functional spelling (``F.multi_head_attention_forward``) keeps them;
+    None: the module call's (certify.py)."""
 
     detaches_qk: bool
+    qk: tuple[Slot, ...] | None = None
+    product: tuple[Slot, ...] | None = None  # value and the weights it is multiplied by
+    masks: tuple[Slot, ...] | None = None
 
 
 class Clause(enum.Enum):
@@ -197,3 +202,4 @@ class Op:
     aliases: tuple[Callable, ...] = field(default=())  # functions canonicalised to target
     methods: tuple[str, ...] = field(default=())  # tensor methods canonicalised to target
     modules: tuple[type, ...] = field(default=())  # one-input modules canonicalised to target
+    module_args: tuple[str, ...] = field(default=())  # their attributes passed after the input

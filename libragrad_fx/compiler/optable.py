@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import mha, ops, sdpa
+from ..runtime import elementwise, mha, ops, sdpa
 from .opspec import (
     Arguments,
     Attention,
@@ -43,17 +43,44 @@ from .opspec import (
 )
 
 _BIAS = Arguments(((2, "bias"),))
+_BIAS_3 = Arguments(((3, "bias"),))
 _LINEAR = Product(((0, "input"), (1, "weight")))
 _NORM_BIAS = Arguments(((3, "bias"),))
 _LIBRA_NORM = Product(((0, "x"), (2, "weight")))
 _SDPA = Attention(qk=((0, "query"), (1, "key")), value=(2, "value"), masks=((3, "attn_mask"),))
 _MHA_BIAS = Arguments(((5, "in_proj_bias"), (7, "out_proj_bias")))
+# F.multi_head_attention_forward: q, k; value and the weights it meets (packed or separate);
+# the masks; the in- and out-projection biases.
+_F_MHA_QK = ((0, "query"), (1, "key"))
+_F_MHA_PRODUCT = ((2, "value"), (5, "in_proj_weight"), (11, "out_proj_weight"),
+                  (20, "v_proj_weight"))
+_F_MHA_MASKS = ((16, "attn_mask"), (14, "key_padding_mask"))
+_F_MHA_BIAS = Arguments(((6, "in_proj_bias"), (12, "out_proj_bias")))
 _X = Bound(0, "input", required=True)
 _NORM_ARGS = (Bound(2, "weight"), Bound(3, "bias"), Bound(4, "eps", 1e-5))
 
 
 def _gelu_words(x: Any, approximate: str) -> str:
     return f"x*[Phi(x)]cst ({'tanh' if approximate == 'tanh' else 'erf'} GELU)"
+
+
+# The elementwise rule's Libra ops: the degree of x, plus phi(0) as a bias (a 0-dim buffer the
+# rule adds, None where phi(0) = 0) that enters every element alike.
+_PHI0 = Arguments(((1, "phi0"),), implicit=((1, "phi0"),))
+
+
+def _elementwise(target: Callable, args: tuple[Bound, ...] = (_X,), **spellings: Any
+                 ) -> tuple[Op, Op]:
+    """An elementwise op phi that the elementwise rule makes phi(0) + x*[(phi(x)-phi(0))/x]cst,
+    and its Libra form (``runtime/elementwise.py``): one entry in the table."""
+    libra = elementwise.secant_form(target)
+    words = f"phi(0) + x*[(phi(x)-phi(0))/x]cst ({target.__name__})"
+    return (Op(target, libra=Replacement("elementwise", libra, words, args), **spellings),
+            Op(libra, Product(((0, "x"),)), _PHI0, forward_of=target,
+               bias_map=BiasMap.TRAILING))
+
+
+_ALPHA = Bound(1, "alpha", 1.0)
 
 
 _RECORDS: tuple[Op, ...] = (
@@ -64,8 +91,14 @@ _RECORDS: tuple[Op, ...] = (
        detached_params=True),
     *(Op(conv, _LINEAR, _BIAS, bias_map=BiasMap.CHANNELS)
       for conv in (F.conv1d, F.conv2d, F.conv3d)),
-    Op(torch.baddbmm, Product(((1, "batch1"), (2, "batch2"))), Arguments(((0, "input"),))),
-    Op(torch.addmm, Product(((1, "mat1"), (2, "mat2"))), Arguments(((0, "input"),))),
+    # beta * input + alpha * (a @ b) (GPT-2's Conv1D is addmm): beta and alpha are numbers
+    # the backward holds constant, so beta * input is a bias all the same (b . df/db carries
+    # the beta) and alpha leaves the product's degree as it is.
+    *(Op(f, Product(((1, a), (2, b))), Arguments(((0, "input"),)), methods=(f.__name__,))
+      for f, a, b in ((torch.addmm, "mat1", "mat2"), (torch.addmv, "mat", "vec"),
+                      (torch.baddbmm, "batch1", "batch2"), (torch.addbmm, "batch1", "batch2"))),
+    Op(torch.bilinear, Product(((0, "input1"), (1, "input2"), (2, "weight"))), _BIAS_3,
+       bias_map=BiasMap.TRAILING),
     Op(torch.addcmul, Product(((1, "tensor1"), (2, "tensor2"))), Arguments(((0, "input"),))),
     # --- normalisation: the norm rule makes the statistic a constant ---
     Op(F.layer_norm, None, _NORM_BIAS, bias_map=BiasMap.TRAILING, libra=Replacement(
@@ -100,6 +133,23 @@ _RECORDS: tuple[Op, ...] = (
         "gate", ops.libra_silu, "x*[sigmoid(x)]cst (SiLU)", (_X,), Preserving())),
     Op(F.glu, libra=Replacement("gate", ops.libra_glu, "a*[sigmoid(b)]cst (GLU)",
                                 (_X, Bound(1, "dim", -1)), Preserving())),
+    # --- elementwise: phi(0) + x*[(phi(x)-phi(0))/x]cst, phi(0) a bias where it is not 0 ---
+    *_elementwise(torch.tanh, methods=("tanh",), aliases=(F.tanh,), modules=(nn.Tanh,)),
+    *_elementwise(torch.sigmoid, methods=("sigmoid",), aliases=(F.sigmoid, torch.special.expit),
+                  modules=(nn.Sigmoid,)),
+    *_elementwise(torch.erf, methods=("erf",), aliases=(torch.special.erf,)),
+    *_elementwise(F.hardswish, modules=(nn.Hardswish,)),
+    *_elementwise(F.hardsigmoid, modules=(nn.Hardsigmoid,)),
+    *_elementwise(F.softplus, (_X, Bound(1, "beta", 1.0), Bound(2, "threshold", 20.0)),
+                  modules=(nn.Softplus,), module_args=("beta", "threshold")),
+    *_elementwise(F.mish, modules=(nn.Mish,)),
+    *_elementwise(F.elu, (_X, _ALPHA), modules=(nn.ELU,), module_args=("alpha",)),
+    *_elementwise(F.selu, aliases=(torch.selu,), modules=(nn.SELU,)),
+    *_elementwise(F.celu, (_X, _ALPHA), aliases=(torch.celu,), modules=(nn.CELU,),
+                  module_args=("alpha",)),
+    *_elementwise(F.hardtanh, (_X, Bound(1, "min_val", -1.0), Bound(2, "max_val", 1.0)),
+                  modules=(nn.Hardtanh,), module_args=("min_val", "max_val")),
+    *_elementwise(F.relu6),
     # --- attention: the attention rule makes the probabilities constants ---
     Op(F.scaled_dot_product_attention, _SDPA, attention=AttentionRead.FUSED,
        libra=Replacement("attention", sdpa.libra_scaled_dot_product_attention,
@@ -112,6 +162,13 @@ _RECORDS: tuple[Op, ...] = (
                          "attention probabilities constant (q, k detached)")),
     Op(mha.libra_multihead_attention, ModuleAttention(detaches_qk=True), _MHA_BIAS,
        attention=AttentionRead.MODULE, forward_of=mha.multihead_attention),
+    *(Op(target, ModuleAttention(libra, _F_MHA_QK, _F_MHA_PRODUCT, _F_MHA_MASKS), _F_MHA_BIAS,
+         forward_of=F.multi_head_attention_forward if libra else None,
+         libra=None if libra else Replacement(
+             "attention", mha.libra_multi_head_attention_forward,
+             "attention probabilities constant (q, k detached; functional MHA)"))
+      for target, libra in ((F.multi_head_attention_forward, False),
+                            (mha.libra_multi_head_attention_forward, True))),
     Op(torch.softmax, methods=("softmax",), aliases=()),
     # --- self-gating: a product of n input-dependent factors, 1/n of the gradient each ---
     Op(operator.mul, Product(), methods=("mul",), aliases=(torch.mul, torch.multiply),
@@ -145,12 +202,8 @@ _RECORDS: tuple[Op, ...] = (
     *(Op(f, Own(Clause.MASKED_FILL)) for f in (torch.masked_fill, "masked_fill")),
     Op(F.pad, Own(Clause.PAD)),
     # --- nonlinear ops with no rule yet: canonical spellings only ---
-    Op(torch.sigmoid, methods=("sigmoid",), aliases=(F.sigmoid, torch.special.expit),
-       modules=(nn.Sigmoid,)),
-    Op(torch.tanh, methods=("tanh",), aliases=(F.tanh,), modules=(nn.Tanh,)),
     Op(torch.exp, methods=("exp",)),
     Op(torch.log, methods=("log",)),
-    Op(torch.erf, methods=("erf",), aliases=(torch.special.erf,)),
     Op(torch.relu, Preserving(), methods=("relu",)),
     Op(F.relu, Preserving(), modules=(nn.ReLU,)),
 )
@@ -166,7 +219,8 @@ _PRESERVING = _group((
     torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.roll, torch.flip,
     torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select, torch.sum, torch.mean,
     torch.cumsum, torch.clone, torch.gather, torch.index_select, torch.tile, torch.movedim,
-    torch.repeat_interleave, torch.diagonal, torch.t, F.leaky_relu,
+    torch.repeat_interleave, torch.diagonal, torch.t, torch.swapaxes, torch.swapdims,
+    F.leaky_relu,
     torch.abs, torch.amax, torch.amin, torch.sort, torch.topk,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
@@ -178,7 +232,7 @@ _PRESERVING = _group((
     "double", "mean", "sum", "chunk", "split", "unbind", "narrow", "select", "roll", "flip",
     "clone", "index_select", "gather", "cumsum", "relu",
     "t", "neg", "tile", "repeat_interleave", "movedim", "diagonal", "abs", "amax", "amin",
-    "std", "norm", "unfold", "sort", "topk",
+    "std", "norm", "unfold", "sort", "topk", "swapaxes", "swapdims",
     # built-in modules still called as modules after canonicalisation
     nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
     nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -272,3 +326,8 @@ def canonical_methods() -> dict[str, Callable]:
 def module_spellings() -> dict[type, Callable]:
     """One-input built-in modules that become the canonical function they run."""
     return {m: op.target for op in TABLE.values() for m in op.modules}
+
+
+def module_arguments() -> dict[type, tuple[str, ...]]:
+    """The attributes of those modules that their function takes after the input, in order."""
+    return {m: op.module_args for op in TABLE.values() for m in op.modules if op.module_args}

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..attribution import Explainer, Explanation
 from ..attribution.stream import TokenStream
 from ..attribution.targets import resolve
+from ..compiler.input_check import check_input
 from ..errors import InputError, TrainingModeError
 from .checks import finite_map
 from .plan import Plan, ranks
@@ -112,8 +113,10 @@ def token_removal(model: nn.Module | Explainer, x: Tensor, attribution: Tensor |
     """
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise InputError("x must be a batch of images, (batch, channels, height, width)")
+    if not isinstance(model, (nn.Module, Explainer)):
+        raise InputError(f"token_removal needs a torch.nn.Module, got {type(model).__name__}")
+    check_input(x, "token_removal", rank=4, gradients=False,
+                model=model.model if isinstance(model, Explainer) else model)
     if internal_batch_size < 1:
         raise InputError("internal_batch_size must be positive")
     batch = x.shape[0]
@@ -124,8 +127,6 @@ def token_removal(model: nn.Module | Explainer, x: Tensor, attribution: Tensor |
             (fraction >= 1).any()) or bool((fraction.diff() <= 0).any()):
         raise InputError("fractions must increase strictly, within [0, 1)")
     removed = torch.round(fraction * patches).long()
-    if not isinstance(model, (nn.Module, Explainer)):
-        raise InputError(f"token_removal needs a torch.nn.Module, got {type(model).__name__}")
     explainer = Explainer.cached(model, blocks)
     objective = resolve(target, explainer.model, score="probability")
     if objective.count is not None and objective.count != batch:

@@ -49,7 +49,8 @@ def figure_size(rows: int, cols: int, *, scale: str = "panel") -> tuple[int, int
     return (round(width * DPI), round((rows * CELL[1] + HEADER + FOOTER) * DPI))
 
 
-def _format(path: Path) -> str:
+def picture_format(path: Path) -> str:
+    """The picture format a file name asks for (its suffix), or a LibraError listing them."""
     try:
         return FORMATS[path.suffix.lower()]
     except KeyError:
@@ -65,7 +66,7 @@ def check_writable(path: str | Path) -> Path:
         raise LibraError(f"cannot write {path}: the folder {path.parent} does not exist")
     if path.is_dir():
         raise LibraError(f"cannot write {path}: it is a folder")
-    _format(path)
+    picture_format(path)
     return path
 
 
@@ -105,7 +106,7 @@ def save_grid(rows: list[list[Panel]], path: str | Path, *, title: str = "",
     if scale not in SCALES:
         raise LibraError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     path = Path(path)
-    fmt = _format(path)
+    fmt = picture_format(path)
     cols = max(len(row) for row in rows)
     width, height = figure_size(len(rows), cols, scale=scale)
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)

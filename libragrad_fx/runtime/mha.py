@@ -58,6 +58,59 @@ def libra_multihead_attention(
         *tensors, num_heads=module.num_heads, batch_first=module.batch_first, **kwargs)
 
 
+def libra_multi_head_attention_forward(
+    query: Tensor, key: Tensor, value: Tensor, embed_dim_to_check: int, num_heads: int,
+    in_proj_weight: Tensor | None, in_proj_bias: Tensor | None, bias_k: Tensor | None,
+    bias_v: Tensor | None, add_zero_attn: bool, dropout_p: float, out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None, training: bool = True, key_padding_mask: Tensor | None = None,
+    need_weights: bool = True, attn_mask: Tensor | None = None,
+    use_separate_proj_weight: bool = False, q_proj_weight: Tensor | None = None,
+    k_proj_weight: Tensor | None = None, v_proj_weight: Tensor | None = None,
+    static_k: Tensor | None = None, static_v: Tensor | None = None,
+    average_attn_weights: bool = True, is_causal: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """F.multi_head_attention_forward with the attention probabilities constant for the
+    backward (attention pooling calls it functionally, with no module behind it).
+
+    When autograd records the call it runs ``_attention_reference_path``, the functional's own
+    eval path op for op (the same bits) with q and k detached; otherwise the functional itself.
+    The rule swaps in this op only for the calls ``supports_libra_functional`` accepts.
+    """
+    tensors = (query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+               q_proj_weight, k_proj_weight, v_proj_weight)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        return F.multi_head_attention_forward(
+            query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias,
+            bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias,
+            training=training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            attn_mask=attn_mask, use_separate_proj_weight=use_separate_proj_weight,
+            q_proj_weight=q_proj_weight, k_proj_weight=k_proj_weight,
+            v_proj_weight=v_proj_weight, static_k=static_k, static_v=static_v,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+    return _attention_reference_path(
+        query, key, value, None if use_separate_proj_weight else in_proj_weight, in_proj_bias,
+        out_proj_weight, out_proj_bias, q_proj_weight, k_proj_weight, v_proj_weight,
+        num_heads=num_heads, attn_mask=attn_mask, need_weights=need_weights,
+        average_attn_weights=average_attn_weights, is_causal=is_causal)
+
+
+# F.multi_head_attention_forward's arguments that the Libra form reproduces only when they
+# are absent (position, name): no bias_k/v, padding mask or static keys.
+_ABSENT = ((7, "bias_k"), (8, "bias_v"), (14, "key_padding_mask"), (21, "static_k"),
+           (22, "static_v"))
+
+
+def supports_libra_functional(args: tuple, kwargs: dict) -> bool:
+    """The F.multi_head_attention_forward calls that ``libra_multi_head_attention_forward``
+    reproduces bit for bit: no bias_k/v, add_zero_attn, key padding mask, static k/v, and
+    no dropout (dropout_p 0 or training False)."""
+    def value(index: int, name: str, default=None):
+        return args[index] if index < len(args) else kwargs.get(name, default)
+    dropout = value(10, "dropout_p", 0.0) and value(13, "training", True)
+    return (not dropout and value(9, "add_zero_attn", False) is False
+            and all(value(i, name) is None for i, name in _ABSENT))
+
+
 def supports_libra_attention(module: torch.nn.MultiheadAttention, kwargs: dict) -> bool:
     """The configurations that ``libra_multihead_attention`` reproduces bit for bit.
 

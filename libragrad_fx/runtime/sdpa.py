@@ -71,15 +71,22 @@ class _ValueOnlyAttention(torch.autograd.Function):
 def libra_scaled_dot_product_attention(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
     dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-    enable_gqa: bool = False,
+    enable_gqa: bool = False, mask_carries_gradient: bool = False,
 ) -> Tensor:
     """F.scaled_dot_product_attention forward; backward [softmax(q kᵀ·scale + mask)]cst · V.
 
     The rule passes q and k through ``detach`` in the graph as well, so the report and the
     certificate read the cut. Dropout cannot be recomputed and a mask that carries gradient
-    changes the CPU kernel's choice, so those (training-only, rare) calls run the fused op on
-    detached q and k, as before this op existed.
+    changes the kernel's choice (on the CPU: the math kernel, not flash), so those calls run
+    the fused op on detached q and k, as before this op existed. ``mask_carries_gradient``:
+    the rule detached an input-dependent mask (a logit term computed from q) in the graph;
+    while autograd records the call (value requiring grad, as the mask did) the op hands the
+    kernel a copy of the mask that requires grad, a leaf of its own, so the kernel is chosen as
+    for the model's call and the bits are the same, and no gradient reaches the mask's inputs.
     """
+    if (mask_carries_gradient and attn_mask is not None and torch.is_grad_enabled()
+            and value.requires_grad):
+        attn_mask = attn_mask.detach().requires_grad_()
     if dropout_p or (attn_mask is not None and attn_mask.requires_grad) or not (
             torch.is_grad_enabled() and value.requires_grad):
         return F.scaled_dot_product_attention(query.detach(), key.detach(), value, attn_mask,

@@ -21,15 +21,16 @@ def test_cli_report_json(capsys):
     out = capsys.readouterr().out
     data = json.loads(out)
     assert data["model"] == "VisionTransformer"
-    assert data["counts"] == {"attention": 12, "gate": 12, "norm": 25, "self_gating": 0}
+    assert data["counts"] == {"attention": 12, "gate": 12, "elementwise": 0, "norm": 25,
+                              "self_gating": 0}
     assert data["violations"] == [] and data["complete"] is True
 
 
 def test_cli_report_table_lists_violations(capsys):
-    assert main(["report", "tests.test_errors:TanhNet"]) == 0
+    assert main(["report", "tests.test_errors:AtanNet"]) == 0
     out = capsys.readouterr().out
     assert "totals:" in out
-    assert "NOT certified complete: 1 violation(s)" in out and "tanh" in out
+    assert "NOT certified complete: 1 violation(s)" in out and "atan" in out
 
 
 @pytest.mark.parametrize(
@@ -53,8 +54,8 @@ def test_cli_unknown_model_is_a_one_line_error(capsys, spec, named):
 
 
 def test_cli_strict_refusal_is_a_one_line_error(capsys):
-    assert main(["report", "tests.test_errors:TanhNet", "--strict"]) == 2
+    assert main(["report", "tests.test_errors:AtanNet", "--strict"]) == 2
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert len(err.splitlines()) == 1
-    assert "tanh" in err and "Traceback" not in err
+    assert "atan" in err and "Traceback" not in err

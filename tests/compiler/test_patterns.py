@@ -42,7 +42,7 @@ D_IN, D, D_OUT, HEADS, TOKENS, BATCH = 6, 8, 3, 2, 5, 2
 HEAD_DIM = D // HEADS
 C_IN, C, SIDE = 3, 8, 4  # image sandwiches: channels in, channels of the block, height = width
 EPS = 1e-5
-RULES = ("attention", "gate", "norm", "self_gating")
+RULES = ("attention", "gate", "elementwise", "norm", "self_gating")
 
 
 pytestmark = pytest.mark.usefixtures("seeded")  # torch.manual_seed(0) before each test

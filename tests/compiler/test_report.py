@@ -47,7 +47,8 @@ def test_report_json_round_trips():
     assert set(data) == {
         "model", "frontend", "rules", "counts", "complete", "rewrites", "violations", "bias_sites"}
     assert data["model"] == "ViTBlock"
-    assert data["counts"] == {"attention": 1, "gate": 1, "norm": 2, "self_gating": 0}
+    assert data["counts"] == {"attention": 1, "gate": 1, "elementwise": 0, "norm": 2,
+                              "self_gating": 0}
     assert [r["rule"] for r in data["rewrites"]] == [r.rule for r in report.rewrites]
     assert {"node", "module", "rule", "op", "action"} <= set(data["rewrites"][0])
 
@@ -55,14 +56,16 @@ def test_report_json_round_trips():
 def test_report_counts_every_enabled_rule_with_zeros():
     mlp = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, 2)).eval()
     report = libra_transform(mlp, strict=True).libra_report
-    assert report.counts == {"attention": 0, "gate": 1, "norm": 0, "self_gating": 0}
+    assert report.counts == {"attention": 0, "gate": 1, "elementwise": 0, "norm": 0,
+                             "self_gating": 0}
 
     report = libra_transform(mlp, rules=libra(norm=False), strict=True).libra_report
-    assert report.counts == {"attention": 0, "gate": 1, "self_gating": 0}
+    assert report.counts == {"attention": 0, "gate": 1, "elementwise": 0, "self_gating": 0}
 
     linear = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, 2)).eval()
     report = libra_transform(linear, strict=True).libra_report
-    assert report.counts == {"attention": 0, "gate": 0, "norm": 0, "self_gating": 0}
+    assert report.counts == {"attention": 0, "gate": 0, "elementwise": 0, "norm": 0,
+                             "self_gating": 0}
     assert report.rewrites == [] and report.violations == []
     assert "(no rewrites)" in str(report)
 

@@ -28,7 +28,7 @@ from tests.harness import completeness_gap, gradients, jitter, readout
 D_IN, D, D_OUT, HEADS, TOKENS, BATCH = 6, 8, 3, 2, 5, 2
 HEAD_DIM = D // HEADS
 EPS = 1e-5
-RULES = ("attention", "gate", "norm", "self_gating")
+RULES = ("attention", "gate", "elementwise", "norm", "self_gating")
 
 
 pytestmark = pytest.mark.usefixtures("seeded")  # torch.manual_seed(0) before each test
@@ -397,7 +397,7 @@ def test_self_gating_switched_off_leaves_completeness_broken():
     with pytest.warns(LibraWarning, match="mul"):
         gm = libra_transform(model, rules=libra(self_gating=False))
     report = gm.libra_report
-    assert report.counts == {"attention": 0, "gate": 1, "norm": 0}
+    assert report.counts == {"attention": 0, "gate": 1, "elementwise": 0, "norm": 0}
     assert [u.op for u in report.violations] == ["operator.mul"]
     x = random_input()
     assert torch.equal(model(x), gm(x))
@@ -566,7 +566,7 @@ def test_switching_a_rule_off_leaves_its_ops_uncertified(switch, broken_op, n_vi
 
 def test_all_rules_off_is_the_vanilla_backward():
     model = build(TinyBlock())
-    off = libra(attention=False, gate=False, self_gating=False, norm=False)
+    off = libra(attention=False, gate=False, self_gating=False, norm=False, elementwise=False)
     assert off == ()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LibraWarning)

@@ -63,16 +63,19 @@ MODELS = (*TIMM_MODELS, *CLIP_MODELS)
 # norm. Mixer-S/16 (8 blocks): GELU in the token and channel MLPs, 2 norms per block + final.
 # gMixer-12: SiLU gate and GLU product in both MLPs of each block. CLIP image: ln_pre + 24 +
 # ln_post; CLIP text: 24 + ln_final.
-VIT_COUNTS = {"attention": 12, "gate": 12, "norm": 25, "self_gating": 0}
+VIT_COUNTS = {"attention": 12, "gate": 12, "elementwise": 0, "norm": 25, "self_gating": 0}
 EXPECTED_COUNTS: dict[str, dict[str, int]] = {
     "vit_tiny_patch16_224": VIT_COUNTS,
     "deit3_small_patch16_224": VIT_COUNTS,
     "vit_small_patch14_reg4_dinov2": VIT_COUNTS,
-    "eva02_tiny_patch14_224": {"attention": 12, "gate": 12, "norm": 25, "self_gating": 12},
-    "mixer_s16_224": {"attention": 0, "gate": 16, "norm": 17, "self_gating": 0},
-    "gmixer_12_224": {"attention": 0, "gate": 24, "norm": 25, "self_gating": 24},
-    "open_clip_ViT-B-32_image": {"attention": 12, "gate": 12, "norm": 26, "self_gating": 0},
-    "open_clip_ViT-B-32_text": {"attention": 12, "gate": 12, "norm": 25, "self_gating": 0},
+    "eva02_tiny_patch14_224": {"attention": 12, "gate": 12, "elementwise": 0,
+                               "norm": 25, "self_gating": 12},
+    "mixer_s16_224": {"attention": 0, "gate": 16, "elementwise": 0, "norm": 17, "self_gating": 0},
+    "gmixer_12_224": {"attention": 0, "gate": 24, "elementwise": 0, "norm": 25, "self_gating": 24},
+    "open_clip_ViT-B-32_image": {"attention": 12, "gate": 12, "elementwise": 0,
+                                 "norm": 26, "self_gating": 0},
+    "open_clip_ViT-B-32_text": {"attention": 12, "gate": 12, "elementwise": 0,
+                                "norm": 25, "self_gating": 0},
 }
 
 

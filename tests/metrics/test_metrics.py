@@ -404,3 +404,20 @@ def test_a_map_that_is_not_finite_is_refused_by_every_metric(additive, bad):
         average_precision(maps.repeat_interleave(PATCH, 1).repeat_interleave(PATCH, 2), mask)
     with pytest.raises(InputError, match=r"class_discrimination: the map has"):
         class_discrimination(maps, mask[:, :GRID, :GRID], ~mask[:, :GRID, :GRID])
+
+
+def test_token_removal_checks_its_input_in_one_line_and_runs_under_inference_mode(additive):
+    model, x, means = additive
+    maps, target = means.reshape(3, GRID, GRID), torch.zeros(3, dtype=torch.long)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="token_removal: the input has 1 NaN"):
+        token_removal(model, bad, maps, target)
+    with pytest.raises(InputError, match="token_removal takes an input with 4 dimensions"):
+        token_removal(model, x[0], maps, target)
+    with pytest.raises(InputError, match="the input is torch.float64 but the model is"):
+        token_removal(model, x.double(), maps, target)
+    with torch.inference_mode():
+        frozen = x.clone()
+    assert torch.equal(token_removal(model, frozen, maps, target).mif_accuracy,
+                       token_removal(model, x, maps, target).mif_accuracy)

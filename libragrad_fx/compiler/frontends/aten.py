@@ -30,6 +30,7 @@ _FUNCTIONS: dict[Any, Callable] = {
     aten.leaky_relu.default: F.leaky_relu, aten.hardtanh.default: F.hardtanh,
     aten.hardswish.default: F.hardswish, aten.hardsigmoid.default: F.hardsigmoid,
     aten.softplus.default: F.softplus, aten.mish.default: F.mish,
+    aten.selu.default: F.selu, aten.celu.default: F.celu, aten.relu6.default: F.relu6,
     aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
     aten.max_pool1d.default: F.max_pool1d, aten.max_pool2d.default: F.max_pool2d,
     aten.avg_pool1d.default: F.avg_pool1d, aten.avg_pool2d.default: F.avg_pool2d,
@@ -46,6 +47,8 @@ _FUNCTIONS: dict[Any, Callable] = {
     aten.div.Tensor: operator.truediv, aten.div.Scalar: operator.truediv,
     aten.matmul.default: operator.matmul, aten.mm.default: operator.matmul,
     aten.bmm.default: torch.bmm, aten.baddbmm.default: torch.baddbmm,
+    aten.addmm.default: torch.addmm, aten.addmv.default: torch.addmv,
+    aten.addbmm.default: torch.addbmm, aten.bilinear.default: torch.bilinear,
     aten.mean.dim: torch.mean, aten.mean.default: torch.mean,
     aten.sum.dim_IntList: torch.sum, aten.sum.default: torch.sum,
     aten.var.correction: torch.var, aten.std.correction: torch.std,
@@ -74,6 +77,7 @@ _METHODS: dict[Any, str] = {
     aten.view.default: "view", aten.reshape.default: "reshape",
     aten._unsafe_view.default: "reshape",
     aten.permute.default: "permute", aten.transpose.int: "transpose", aten.t.default: "t",
+    aten.swapaxes.default: "swapaxes", aten.swapdims.default: "swapdims",
     aten.unsqueeze.default: "unsqueeze", aten.squeeze.default: "squeeze",
     aten.squeeze.dim: "squeeze", aten.squeeze.dims: "squeeze",
     aten.expand_as.default: "expand_as", aten.reshape_as.default: "reshape_as",
@@ -91,9 +95,10 @@ _COMPARISONS = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": o
                 "gt": operator.gt, "ge": operator.ge}
 _FUNCTIONS.update({getattr(aten, name).Tensor: op for name, op in _COMPARISONS.items()})
 _FUNCTIONS.update({getattr(aten, name).Scalar: op for name, op in _COMPARISONS.items()})
-# Eval-mode no-ops (dropout with train=False) and aliases: the node becomes its input.
-_DROPOUTS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
-             aten.feature_alpha_dropout.default)
+# Eval-mode no-ops (dropout with train=False, out of place or in place: dropout_ then leaves
+# its input as it is and returns it) and aliases: the node becomes its input.
+_DROPOUTS = tuple(getattr(aten, name + suffix).default for name in (
+    "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout") for suffix in ("", "_"))
 _PASSTHROUGH = (aten.alias.default,)
 # Checks of dtype and device baked in at export time; they would pin the graph to them.
 _METADATA_ASSERTS = (aten._assert_tensor_metadata.default,)
@@ -144,6 +149,8 @@ def _special(node: fx.Node) -> Call | None:
         return _arith(a, operator.sub, torch.sub)
     if t in (aten.rsub.Tensor, aten.rsub.Scalar):
         return _arith(a, operator.sub, torch.sub, swap=True)
+    if t is aten.elu.default and a["scale"] == 1 and a["input_scale"] == 1:
+        return _fn(F.elu, a["self"], a["alpha"])
     if t is aten.gelu.default:
         return _fn(F.gelu, a["self"], approximate=a["approximate"])
     if t is aten._softmax.default and not a["half_to_float"]:

@@ -15,6 +15,7 @@ stays symbolic when the example has at least two samples and the model allows it
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import operator
 import re
@@ -26,15 +27,22 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
+from torch._functorch.predispatch import _vmap_decrement_nesting, _vmap_increment_nesting
 from torch.export import Dim, ExportedProgram
-from torch.export.graph_signature import InputKind, OutputKind
+from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
 from ...errors import TraceError
 from .aten import to_canonical
 
 _STATE = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 _SET_GRAD = torch.ops.higher_order.wrap_with_set_grad_enabled
+_AUTOCAST = torch.ops.higher_order.wrap_with_autocast
+# vmap's nesting calls (masks built with torch.vmap) return nothing the graph uses, but the
+# ops between them run at the vmap level they set: dead-code elimination must keep them.
+for _nesting in (_vmap_increment_nesting, _vmap_decrement_nesting):
+    torch.fx.node.has_side_effect(_nesting)
 _NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export")
 _HINT = (
     "torch.export runs the forward once on the example inputs: control flow must depend on "
@@ -70,30 +78,56 @@ def _quiet_export() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _export(model: nn.Module, inputs: tuple) -> ExportedProgram:
+def _trace_kwargs(model: nn.Module, kwargs: dict) -> dict:
+    """The keyword inputs, plus ``use_cache=False`` where the forward takes ``use_cache``.
+
+    A key/value cache is state for the next call, not part of the function being explained
+    (torch.export cannot return one either): the trace runs without it. The user's model and
+    its config are not touched; the compiled module's outputs simply have no cache entry.
+    """
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    if "use_cache" in params and "use_cache" not in kwargs:
+        return {**kwargs, "use_cache": False}
+    return dict(kwargs)
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
     """torch.export's program for ``model``, or a TraceError saying why there is none."""
     try:
         with _quiet_export():
-            return _export_attempts(model, inputs)
+            return _export_attempts(model, args, _trace_kwargs(model, kwargs))
     except Exception as exc:
-        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+        shapes = ", ".join([*(str(tuple(x.shape)) for x in args),
+                            *(f"{k}={tuple(v.shape)}" for k, v in kwargs.items())])
         raise TraceError(
             f"cannot export {type(model).__name__} with torch.export at input shape(s) "
             f"{shapes}: {_reason(exc)}. {_HINT}"
         ) from exc
 
 
-def _export_attempts(model: nn.Module, inputs: tuple) -> ExportedProgram:
+def _export_attempts(model: nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
     """Non-strict export, first with a symbolic batch dimension, then fully static."""
-    if all(x.dim() > 0 and x.shape[0] >= 2 for x in inputs):
+    tensors = [*args, *(v for v in kwargs.values() if isinstance(v, torch.Tensor))]
+    if all(x.dim() > 0 and x.shape[0] >= 2 for x in tensors):
+        def spec(value: Any) -> dict | None:
+            return {0: Dim.AUTO} if isinstance(value, torch.Tensor) else None
+
+        dynamic = (tuple(spec(x) for x in args), {k: spec(v) for k, v in kwargs.items()})
         try:
-            dynamic = tuple({0: Dim.AUTO} for _ in inputs)
-            return torch.export.export(model, inputs, strict=False, dynamic_shapes=dynamic)
+            bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+            shapes: Any = {name: spec(value) for name, value in bound.items()}
+        except (TypeError, ValueError):
+            shapes = dynamic[0] if not kwargs else dynamic
+        try:
+            return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
         except GuardOnDataDependentSymNode:  # about values: a static shape cannot help
             raise
         except Exception:  # noqa: BLE001, S110 - the static export reports its own failure
             pass
-    return torch.export.export(model, inputs, strict=False)
+    return torch.export.export(model, args, kwargs, strict=False)
 
 
 def _clean_path(path: str) -> str:
@@ -152,6 +186,9 @@ def _rebuild(model: nn.Module, ep: ExportedProgram) -> fx.GraphModule:
     for node in ep.graph.nodes:
         if node.op == "placeholder":
             spec = specs[node.name]
+            if spec.kind is InputKind.USER_INPUT and isinstance(spec.arg, ConstantArgument):
+                env[node] = spec.arg.value  # a Python constant the trace ran with (use_cache)
+                continue
             if spec.kind is InputKind.USER_INPUT:
                 new = graph.placeholder(node.name)
                 new.meta = dict(node.meta)
@@ -161,23 +198,46 @@ def _rebuild(model: nn.Module, ep: ExportedProgram) -> fx.GraphModule:
                 new.meta = {**node.meta, "nn_module_stack": _owner_stack(model, spec.target)}
             env[node] = new
         elif node.op == "output":
-            flat = [env[n] if isinstance(n, fx.Node) else n for n in node.args[0]]
-            out = pytree.tree_unflatten(flat, ep.call_spec.out_spec)
-            if not isinstance(out, (fx.Node, tuple, list, dict)):
-                raise TraceError(
-                    f"{type(model).__name__} returns a {type(out).__name__}; the export "
-                    "frontend handles a tensor, or a tuple, list or dict of tensors. Wrap the "
-                    "model so that its forward returns one."
-                )
-            graph.output(out)
+            _output(graph, [env[n] if isinstance(n, fx.Node) else n for n in node.args[0]],
+                    ep.call_spec.out_spec, model)
         elif node.target is operator.getitem and isinstance(env[node.args[0]], tuple):
             env[node] = env[node.args[0]][node.args[1]]  # an output of an inlined block
         else:
             if node.op == "get_attr":  # a submodule of a higher-order op
                 root[node.target] = operator.attrgetter(node.target)(ep.graph_module)
-            inlined = _inline_no_grad(graph, node, env, model, ep.graph_module)
+            inlined = _inline(graph, node, env, model, ep.graph_module, root)
             env[node] = inlined if inlined is not None else _copy(graph, node, env, model)
     return fx.GraphModule(root, graph, class_name=type(model).__name__)
+
+
+def _plain(spec: pytree.TreeSpec) -> bool:
+    """True when the output structure is a tensor, or tuples, lists and dicts of tensors."""
+    return spec.is_leaf() or (spec.type in (tuple, list, dict)
+                              and all(_plain(c) for c in spec.children()))
+
+
+def _output(graph: fx.Graph, flat: list, out_spec: pytree.TreeSpec, model: nn.Module) -> None:
+    """The graph's output in the structure the model returns.
+
+    A tensor, tuple, list or dict is written into the output node as it is. Any other
+    registered pytree (a ``ModelOutput`` dataclass, say) is returned through fx's pytree
+    codegen: the graph outputs the flat tensors and the generated forward rebuilds the object,
+    so ``type(gm(x)) is type(model(x))`` and fields that were None stay None.
+    """
+    out = pytree.tree_unflatten(flat, out_spec)
+    if _plain(out_spec):
+        graph.output(out)
+        return
+    if not all(isinstance(v, fx.Node) or v is None for v in flat):
+        raise TraceError(
+            f"{type(model).__name__} returns a {type(out).__name__} holding values that are "
+            "not tensors; the export frontend handles tensors in a tuple, list, dict or "
+            "registered pytree (a ModelOutput). Wrap the model so that its forward returns one."
+        )
+    graph.output(tuple(flat))
+    names = [n.name for n in graph.nodes if n.op == "placeholder"]
+    in_spec = pytree.tree_flatten(list(names))[1]
+    graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, in_spec, out_spec))
 
 
 def _copy(graph: fx.Graph, node: fx.Node, env: dict, model: nn.Module) -> fx.Node:
@@ -187,28 +247,62 @@ def _copy(graph: fx.Graph, node: fx.Node, env: dict, model: nn.Module) -> fx.Nod
     return new
 
 
-def _inline_no_grad(
-    graph: fx.Graph, node: fx.Node, env: dict, model: nn.Module, owner: nn.Module
-) -> tuple | None:
-    """A ``with torch.no_grad():`` block, inlined with its outputs detached (the same values).
+def _block(node: fx.Node, owner: nn.Module) -> tuple[fx.GraphModule, tuple, bool] | None:
+    """(subgraph, its inputs, detach outputs?) for a higher-order block that can be inlined.
 
-    Export keeps such a block as a higher-order op around a subgraph, which the rules and the
-    certificate cannot see into; inlined, its ops are visible and its outputs are constants.
+    ``with torch.no_grad():`` (``wrap_with_set_grad_enabled(False, ...)``) is inlined with its
+    outputs detached: the same values, constants for the backward. A *disabled* autocast
+    region (``wrap_with_autocast(device, dtype, False, ...)``, as rotary embeddings write to
+    keep their tables in full precision) runs its ops as written, so it is inlined as it is.
+    Any other higher-order op stays a call (the certificate names it).
     """
-    if not (node.op == "call_function" and node.target is _SET_GRAD and node.args[0] is False):
+    if node.op != "call_function":
         return None
-    block = operator.attrgetter(node.args[1].target)(owner)
-    if any(n.op == "get_attr" for n in block.graph.nodes):
-        return None  # nested blocks or constants of its own: left as it is
-    inner, inputs = {}, iter(node.args[2:])
+    if node.target is _SET_GRAD and node.args[0] is False:
+        sub, inputs, detach = node.args[1], node.args[2:], True
+    elif node.target is _AUTOCAST and node.args[2] is False:
+        sub, inputs, detach = node.args[4], node.args[5:], False
+    else:
+        return None
+    if not (isinstance(sub, fx.Node) and sub.op == "get_attr"):
+        return None
+    return operator.attrgetter(sub.target)(owner), inputs, detach
+
+
+def _inline(graph: fx.Graph, node: fx.Node, env: dict, model: nn.Module, owner: nn.Module,
+            root: dict) -> tuple | None:
+    """The outputs of an inlinable higher-order block, its ops copied into ``graph``.
+
+    Blocks nested inside it are inlined the same way (recursively); a nested block that cannot
+    be, and tensor constants of the block, become attributes of the root, so no subgraph is
+    left behind that a later pass could find unreferenced. Export keeps such blocks as calls
+    around subgraphs that the rules and the certificate cannot see into; inlined, their ops are
+    visible (and, under no_grad, their outputs constants).
+    """
+    found = _block(node, owner)
+    if found is None:
+        return None
+    block, args, detach = found
+    inner, inputs = {}, iter(args)
+    outputs: Any = ()
     for n in block.graph.nodes:
         if n.op == "placeholder":
             value = next(inputs)
             inner[n] = env[value] if isinstance(value, fx.Node) else value
         elif n.op == "output":
             outputs = n.args[0]
+        elif n.target is operator.getitem and isinstance(inner.get(n.args[0]), tuple):
+            inner[n] = inner[n.args[0]][n.args[1]]
+        elif n.op == "get_attr":
+            name = _fresh(root, f"{node.name}_{n.target}".replace(".", "_"))
+            root[name] = operator.attrgetter(n.target)(block)
+            inner[n] = graph.get_attr(name)
+            inner[n].meta = dict(n.meta)
         else:
-            inner[n] = _copy(graph, n, inner, model)
+            nested = _inline(graph, n, inner, model, block, root)
+            inner[n] = nested if nested is not None else _copy(graph, n, inner, model)
+    if not detach:
+        return tuple(inner[v] if isinstance(v, fx.Node) else v for v in outputs)
     detached = []
     for value in outputs:
         if isinstance(value, fx.Node):
@@ -220,21 +314,52 @@ def _inline_no_grad(
     return tuple(detached)
 
 
-def export_trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+def _fresh(root: dict, name: str) -> str:
+    out, i = name, 0
+    while out in root:
+        i += 1
+        out = f"{name}_{i}"
+    return out
+
+
+def _check_keywords(model: nn.Module, kwargs: dict) -> None:
+    """A TraceError naming the forward's parameters when it takes none of these keywords."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        raise TraceError(
+            f"{type(model).__name__}.forward takes no keyword {', '.join(map(repr, unknown))}; "
+            f"its parameters are: {', '.join(params)}. Pass example_inputs keyed by one of "
+            "them; a model that takes token ids only is explained from their embeddings with "
+            "example_inputs={'input_ids': ids} and from_embeddings=True."
+        )
+
+
+def export_trace(model: nn.Module, example_inputs: tuple | dict) -> fx.GraphModule:
     """Export ``model`` at ``example_inputs`` and express the graph in the canonical vocabulary.
 
-    The model is not modified: the graph refers to its parameters and buffers.
+    ``example_inputs`` is a tuple of positional tensors or a dict of keyword tensors
+    (``{"inputs_embeds": e}``); the graph's placeholders take the names export gives them (the
+    keyword's name for a keyword input). The model is not modified: the graph refers to its
+    parameters and buffers.
     """
-    inputs = tuple(example_inputs)
-    wrong = [f"{i}: {type(x).__name__}" for i, x in enumerate(inputs)
-             if not isinstance(x, torch.Tensor)]
-    if not inputs or wrong:
+    keyword = isinstance(example_inputs, dict)
+    args, kwargs = ((), dict(example_inputs)) if keyword else (tuple(example_inputs), {})
+    values = list(kwargs.items()) if keyword else list(enumerate(args))
+    wrong = [f"{i}: {type(x).__name__}" for i, x in values if not isinstance(x, torch.Tensor)]
+    if not values or wrong:
         raise TraceError(
-            f"the torch.export frontend needs example_inputs as a non-empty tuple of tensors, "
-            f"got {', '.join(wrong) or 'an empty tuple'}. Wrap the model so that its forward "
-            "takes tensors only."
+            f"the torch.export frontend needs example_inputs as a non-empty tuple of tensors "
+            f"or a dict of keyword tensors, got {', '.join(wrong) or 'nothing'}. Wrap the "
+            "model so that its forward takes tensors only."
         )
-    ep = _export(model, inputs)
+    _check_keywords(model, kwargs)
+    ep = _export(model, args, kwargs)
     try:
         gm = _rebuild(model, ep)
         return to_canonical(gm)

@@ -3,7 +3,8 @@
 Forms: ``F.layer_norm``, ``F.group_norm``, ``F.rms_norm``, ``F.normalize`` (fused, replaced by
 operators with the same forward), and any written-out ``a / sqrt(stat)``, ``a * rsqrt(stat)``
 or ``a / ||a||`` (over any dim: channels-first layer norms too), whose denominator is detached
-where it is used.
+where it is used; and a response ratio ``x * (||x|| / (mean ||x|| + eps))`` (global response
+normalisation), whose ratio is the statistic, detached at the product (docs/theory.md).
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ import torch.fx as fx
 from ..dataflow import Dataflow
 from ..graph_utils import detach_use, is_call
 from .base import Rule, Swap, libra_form, swap, through_passthrough
+
+
+@dataclass(frozen=True)
+class ResponseRatio:
+    """``x * r`` with ``r = stat / reduce(stat)``: the ratio, degree 0 in x up to eps, is a
+    normalising statistic; constant at ``operand``."""
+
+    operand: int
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,32 @@ def _statistic(value) -> str | None:
         return None
 
 
-def _match(node: fx.Node, flow: Dataflow) -> Swap | WrittenNorm | None:
+_REDUCTIONS = (torch.mean, torch.sum, operator.add, torch.clamp, torch.clamp_min)
+_REDUCTION_METHODS = {"mean", "sum", *_STAT_PASSTHROUGH}
+
+
+def _ratio(value) -> str | None:
+    """The statistic's kind when ``value`` is ``stat / reduce(stat)`` (a mean or sum of a root
+    statistic, through +eps and clamps), else None."""
+    value = through_passthrough(value)
+    if not is_call(value, operator.truediv) or len(value.args) != 2:
+        return None
+    kind, den = _statistic(value.args[0]), value.args[1]
+    if kind not in ("norm", "sqrt", "std"):
+        return None
+    while isinstance(den, fx.Node):
+        den = through_passthrough(den)
+        if _statistic(den) is not None:
+            return kind
+        reducing = is_call(den, *_REDUCTIONS) or (
+            den.op == "call_method" and den.target in _REDUCTION_METHODS)
+        if not reducing or not den.args:
+            return None
+        den = den.args[0]
+    return None
+
+
+def _match(node: fx.Node, flow: Dataflow) -> Swap | WrittenNorm | ResponseRatio | None:
     if not flow.needs_rule(node):
         return None
     if (replacement := libra_form(node, "norm")) is not None:
@@ -62,12 +96,20 @@ def _match(node: fx.Node, flow: Dataflow) -> Swap | WrittenNorm | None:
         for i in slots:
             if _statistic(node.args[i]) in wanted and flow.depends_on_input(node.args[i]):
                 return WrittenNorm(i)
+    if is_call(node, operator.mul) and len(node.args) == 2:
+        for i, operand in enumerate(node.args):
+            if _ratio(operand) is not None and flow.depends_on_input(operand):
+                return ResponseRatio(i)
     return None
 
 
-def _replace(graph: fx.Graph, node: fx.Node, payload: Swap | WrittenNorm) -> str:
+def _replace(graph: fx.Graph, node: fx.Node, payload: Swap | WrittenNorm | ResponseRatio) -> str:
     if isinstance(payload, Swap):
         return swap(node, payload.replacement)
+    if isinstance(payload, ResponseRatio):
+        kind = _ratio(node.args[payload.operand])
+        detach_use(graph, node, node.args[payload.operand])
+        return f"x*[{kind}/mean({kind})]cst (response normalisation)"
     statistic = node.args[payload.operand]
     kind = _statistic(statistic)
     detach_use(graph, node, statistic)
