@@ -48,3 +48,15 @@ def grid_axes(sizes: tuple[int, ...], skip: int, grid: tuple[int, int]) -> int |
         if fits((sizes[i], sizes[i + 1]), grid):
             found = i
     return found
+
+
+def flat_cells(count: int, grid: tuple[int, int]) -> tuple[int, int] | None:
+    """The (h, w) grid of ``count`` cells that fits ``grid`` (coarser or finer by a whole
+    factor on both sides), if one does: how a flattened (B, h·w, C) stream is read."""
+    gh, gw = grid
+    for k in range(1, max(gh, gw) + 1):
+        if gh % k == 0 and gw % k == 0 and (gh // k) * (gw // k) == count:
+            return gh // k, gw // k
+        if gh * k * gw * k == count:
+            return gh * k, gw * k
+    return None

@@ -19,21 +19,24 @@ from .grid import regrid
 class Axes:
     """Where a value keeps its batch and its tokens (``tokens``), or its patch grid (``grid``,
     the first of two consecutive axes, of sizes ``cells``: the first block's grid or a coarser
-    or finer one). Neither: the value belongs to no token. A batch folded with another axis,
-    (B·k, ...), has ``fold = k``; the other indices then count the value unfolded to
-    (B, k, ...)."""
+    or finer one; with ``flat``, one axis of h·w cells in raster order, as a hierarchical
+    token model's later stage). Neither: the value belongs to no token. A batch folded with
+    another axis, (B·k, ...), has ``fold = k``; the other indices then count the value
+    unfolded to (B, k, ...)."""
 
     batch: int
     tokens: int | None = None
     grid: int | None = None
     fold: int = 1
     cells: tuple[int, int] | None = None
+    flat: bool = False
 
     def spare_last(self, ndim: int) -> bool:
         """True when the last axis of an ``ndim``-D value is a channel axis (neither batch,
         tokens nor grid), so summing it early changes no token's total."""
         last = ndim - 1
-        grid = () if self.grid is None else (self.grid, self.grid + 1)
+        grid = () if self.grid is None else (self.grid,) if self.flat else (
+            self.grid, self.grid + 1)
         return self.fold == 1 and last not in (self.batch, self.tokens, *grid)
 
     def unfold(self, value: Tensor) -> Tensor:
@@ -41,6 +44,16 @@ class Axes:
         if self.fold > 1:
             value = value.unflatten(self.batch, (-1, self.fold))
         return value.movedim(self.batch, 0)
+
+    def cells_first(self, value: Tensor) -> Tensor:
+        """A value with a grid, batch first, as (B, h, w, ...)."""
+        if self.grid is None:
+            raise LibraError("a block input with neither a token axis nor a grid")
+        value = self.unfold(value)
+        axis = self.grid + (self.grid < self.batch)
+        if self.flat:
+            return value.movedim(axis, 1).unflatten(1, self.cells)
+        return value.movedim((axis, axis + 1), (1, 2))
 
 
 @dataclass(frozen=True)
@@ -75,15 +88,14 @@ class Layout:
                              f"{module_path(node) or '<root>'}) is the batch (no one axis grows "
                              "with the batch size), so its contribution cannot be put on "
                              "tokens")
-        value = ax.unfold(value)
         if ax.tokens is not None:
+            value = ax.unfold(value)
             axis = ax.tokens + (ax.tokens < ax.batch)
             other = [d for d in range(1, value.dim()) if d != axis]
             per_token = value.sum(other) if other else value
             return self.reorder(per_token)
         if ax.grid is not None:
-            axis = ax.grid + (ax.grid < ax.batch)
-            cells = value.movedim((axis, axis + 1), (1, 2))
+            cells = ax.cells_first(value)
             cells = cells.sum(list(range(3, cells.dim()))) if cells.dim() > 3 else cells
             return self.place(regrid(cells, self.grid).flatten(1))
         return None
@@ -98,12 +110,11 @@ class Layout:
         """A block input (or its gradient) as (B, N, C): its N positions (tokens in our
         order, or grid cells in raster order) by its channels."""
         ax = self.axes[node]
-        value = ax.unfold(value)
         if ax.tokens is not None:
+            value = ax.unfold(value)
             value = self.reorder(value.movedim(ax.tokens + (ax.tokens < ax.batch), 1))
             return value.flatten(2) if value.dim() > 2 else value[..., None]
-        axis = ax.grid + (ax.grid < ax.batch)
-        value = value.movedim((axis, axis + 1), (1, 2)).flatten(1, 2)
+        value = ax.cells_first(value).flatten(1, 2)
         return value.flatten(2) if value.dim() > 2 else value[..., None]
 
     def on_tokens(self, node: fx.Node, per_position: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..compiler.dataflow import Dataflow
 from ..compiler.graph_utils import is_call
 from ..errors import LibraError
-from .grid import grid_axes
+from .grid import flat_cells, grid_axes
 from .layout import Axes, Layout
 from .structure import Structure
 
@@ -142,7 +142,14 @@ def measure_layout(gm: fx.GraphModule, structure: Structure, x: Tensor) -> Layou
         tok = next((i for i in dims if sizes[i] == tokens), None)
         grd = next((i for i in dims if i + 1 in dims and (sizes[i], sizes[i + 1]) == grid),
                    None) if grid is not None and tok is None else None
-        axes[node] = Axes(bax, tok, grd, fold, None if grd is None else grid)
+        flat = None
+        if grid is not None and tok is None and grd is None and fold == 1 and not constant \
+                and len(sizes) >= 3:  # a later stage of a hierarchical token model
+            flat = next(((i, c) for i in dims if (c := flat_cells(sizes[i], grid))), None)
+        if flat is not None:
+            axes[node] = Axes(bax, None, flat[0], fold, flat[1], flat=True)
+        else:
+            axes[node] = Axes(bax, tok, grd, fold, None if grd is None else grid)
     order = tuple(constant + patches)
     cls = _class_token(structure, flow, axes, constant, tokens)
     return Layout(tokens, order, len(constant), grid,

@@ -35,30 +35,29 @@ def _maxvit(variant: str) -> nn.Module:
     return MaxxVit(cfg, img_size=32, num_classes=5)
 
 
-# name: (builder, frontend, first block's path, channels last, blocks found, block count)
+# name: (builder, first block's path, channels last, blocks found, block count)
 MODELS = {
     "timm_swin": (lambda: timm.create_model(
         "swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16,
         depths=(1, 2), num_heads=(1, 2), num_classes=5),
-        "auto", "layers.0.blocks.0", True, "layers.*.blocks", 3),
+        "layers.0.blocks.0", True, "layers.*.blocks", 3),
     "timm_convnext": (lambda: timm.create_model(
         "convnext_atto", dims=(8, 16, 24, 32), depths=(1, 1, 2, 1), num_classes=5),
-        "auto", "stages.0.blocks.0", False, "stages.*.blocks", 5),
-    "timm_maxvit": (lambda: _maxvit("maxvit_rmlp_pico_rw"),
-                    "auto", "stages.0", False, "stages", 2),
+        "stages.0.blocks.0", False, "stages.*.blocks", 5),
+    "timm_maxvit": (lambda: _maxvit("maxvit_rmlp_pico_rw"), "stages.0", False, "stages", 2),
     "torchvision_swin": (lambda: torchvision.models.SwinTransformer(
         patch_size=[4, 4], embed_dim=16, depths=[1, 2], num_heads=[1, 2], window_size=[4, 4],
-        num_classes=5), "export", "features.1.0", True, "features.*", 3),
+        num_classes=5), "features.1.0", True, "features.*", 3),
 }
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def case(request):
-    build, frontend, first, last, name, count = MODELS[request.param]
+    build, first, last, name, count = MODELS[request.param]
     torch.manual_seed(0)
     model = perturb(build().eval())
     x = torch.randn(2, 3, 32, 32)
-    return model, Explainer(model, frontend=frontend), x, first, last, name, count
+    return model, Explainer(model), x, first, last, name, count
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -173,19 +172,20 @@ def test_regrid_keeps_the_total_both_ways():
 
 
 def test_maxvit_with_a_tanh_head():
-    """maxvit_tiny_tf's head has a tanh, which no rule on main covers, so its Libra form is not
-    certified: check the identities that hold regardless of the backward."""
-    # tighten when the elementwise rule lands: then total == score to 1e-4 under Libra
+    """maxvit_tiny_tf's head has a tanh (certified by the elementwise rule): its maps are
+    complete too, on the stem's 16x16 grid."""
     torch.manual_seed(0)
     model = perturb(_maxvit("maxvit_tiny_tf").eval())
     x = torch.randn(2, 3, 32, 32)
     explainer = Explainer(model)
-    pixel = explainer.explain(x, target=TARGET, method="input_x_gradient", level="pixel")
     gm = explainer.compiled(True, x).gm
-    assert not gm.libra_report.complete
+    assert gm.libra_report.complete
+    for level in ("token", "pixel"):
+        full = explainer.explain(x, target=TARGET, method="fullgrad+", level=level)
+        assert full.token_map.shape == (2, 256)
+        assert _relative(full.total, full.score).max() < 1e-4
+    pixel = explainer.explain(x, target=TARGET, method="input_x_gradient", level="pixel")
     torch.testing.assert_close(pixel.pixel_map, _input_x_gradient(gm, x), rtol=1e-4, atol=1e-6)
-    full = explainer.explain(x, target=TARGET, method="fullgrad+")
-    assert torch.isfinite(full.token_map).all() and full.token_map.shape == (2, 256)
 
 
 class _Block(nn.Module):
@@ -238,3 +238,46 @@ def test_a_sequence_gets_a_map_per_token():
         libra.heatmap(32)
     with pytest.raises(LibraError, match="level='pixel' needs an image"):
         explainer.explain(e, target=TARGET, method="fullgrad+", level="pixel")
+
+
+class _Keyword(nn.Module):
+    """A Hugging Face model called on one keyword input, its logits returned."""
+
+    def __init__(self, model: nn.Module, keyword: str):
+        super().__init__()
+        self.model, self.keyword = model, keyword
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(**{self.keyword: x}).logits
+
+
+def _hf(cls: str, config: str, keyword: str, **sizes) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, config)(**sizes))
+    return _Keyword(perturb(model.eval()), keyword).eval()
+
+
+def test_hugging_face_bert_on_embeddings_and_swin_on_pixels():
+    """BERT on inputs_embeds: a map per token; HF Swin keeps its stream flat, (B, h·w, C), on a
+    grid that coarsens by stage: both complete under LibraGrad, token and pixel level."""
+    bert = _hf("BertForSequenceClassification", "BertConfig", "inputs_embeds", hidden_size=16,
+               num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+               vocab_size=50, max_position_embeddings=16, num_labels=3)
+    e = torch.randn(2, 6, 16)
+    text = Explainer(bert).explain(e, target=1, method="fullgrad+")
+    assert text.token_map.shape == (2, 6)
+    assert _relative(text.total, text.score).max() < 1e-4
+    swin = _hf("SwinForImageClassification", "SwinConfig", "pixel_values", image_size=32,
+               patch_size=2, embed_dim=16, depths=[1, 2], num_heads=[2, 2], window_size=4,
+               num_labels=10)
+    x = torch.randn(2, 3, 32, 32)
+    explainer = Explainer(swin)
+    assert len(explainer.compiled(True, x).structure.paths) == 3
+    for level in ("token", "pixel"):
+        e = explainer.explain(x, target=TARGET, method="fullgrad+", level=level)
+        assert e.patch_map.shape == (2, 16, 16)
+        assert _relative(e.total, e.score).max() < 1e-4
+    h, _ = _first_block(swin, "model.swin.encoder.layers.1.blocks.1", x)
+    assert h.shape == (2, 64, 32)  # the last stage: 8x8 cells, flat, put on the 16x16 grid
