@@ -33,7 +33,7 @@ class TokenStream:
             raise LibraError("removing tokens needs a residual stream of tokens (batch, "
                              "tokens, channels); this model's first block reads a grid "
                              "(batch, height, width, channels) or (batch, channels, height, "
-                             "width): use the pixel-masking variant")
+                             "width): mask pixels instead (token_removal's mode='pixel')")
         self._layout, self._batch = layout, axes.batch
         self._tokens = None if axes.tokens is None else axes.tokens + (axes.tokens < axes.batch)
         self.grid: tuple[int, int] | None = layout.grid

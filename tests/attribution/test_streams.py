@@ -157,6 +157,19 @@ def test_every_other_method_works_or_says_why(case):
             assert torch.isfinite(e.token_map).all()
 
 
+def test_token_removal_on_a_grid_says_to_mask_pixels():
+    from libragrad_fx.metrics import token_removal
+
+    torch.manual_seed(0)
+    model = perturb(MODELS["timm_convnext"][0]().eval())
+    x = torch.randn(2, 3, 32, 32)
+    e = Explainer.cached(model).explain(x, target=TARGET)
+    with pytest.raises(LibraError, match="mode='pixel'"):
+        token_removal(model, x, e, TARGET, mode="zero", fractions=(0.5,))
+    curves = token_removal(model, x, e, TARGET, mode="pixel", fractions=(0.5,))
+    assert curves is not None
+
+
 def test_regrid_keeps_the_total_both_ways():
     from libragrad_fx.attribution.grid import regrid
 
