@@ -43,8 +43,10 @@ class Readout:
     """What one forward-backward run read, token axes in the layout's order (prefix first)."""
 
     score: Tensor
-    h: dict[int, Tensor] = field(default_factory=dict)  # (B, T, C)
+    layout: Layout | None = None
+    h: dict[int, Tensor] = field(default_factory=dict)  # (B, N_l, C): block l's positions
     g: dict[int, Tensor] = field(default_factory=dict)
+    nodes: dict[int, fx.Node] = field(default_factory=dict)  # block l's input node
     site_tokens: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
     attention: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (B, H, T, T)
     stream_out: Tensor | None = None
@@ -123,11 +125,13 @@ class CompiledModel:
             tensors = [values[n] for n in wanted] + ([x] if with_x else [])
             grads = _gradients(score, tensors)
         grad_of = dict(zip(wanted, grads[:len(wanted)], strict=True))
-        result = Readout(score.detach(), input_grad=grads[-1] if needs.input_grad else None)
+        result = Readout(score.detach(), layout,
+                         input_grad=grads[-1] if needs.input_grad else None)
         for i in blocks:
             node = st.inputs[i]
-            result.h[i] = _tokens_last(layout, node, values[node].detach())
-            result.g[i] = _tokens_last(layout, node, grad_of[node])
+            result.nodes[i] = node
+            result.h[i] = layout.positions(node, values[node].detach())
+            result.g[i] = layout.positions(node, grad_of[node])
         for s in sites:
             axes = layout.axes.get(s.output)
             grad = grad_of[s.output]
@@ -138,12 +142,13 @@ class CompiledModel:
             else:
                 rest = tokens.new_zeros(tokens.shape[0])
             result.site_tokens.append((self.last_block(s), tokens, rest))
-        for a in att:
+        for i, a in enumerate(att):
             probs, grad = attn.probabilities(a, values, grad_of[a.output])
+            _check_global(probs, layout, x.shape[0], st.paths[i])
             result.attention.append(tuple(layout.reorder(layout.reorder(t, -2), -1)
                                           for t in (probs, grad)))
         if needs.stream_out:
-            result.stream_out = _tokens_last(layout, st.output, values[st.output].detach())
+            result.stream_out = layout.positions(st.output, values[st.output].detach())
         return result
 
     def _selected(self, needs: Needs):
@@ -152,10 +157,13 @@ class CompiledModel:
         att = ()
         if needs.attention:
             att = self.structure.attention
+            for site in att:
+                if isinstance(site, LibraError):
+                    raise site
             missing = [i for i, a in enumerate(att) if a is None]
             if missing:
                 raise LibraError(
-                    f"block {self.structure.path}{missing[0]} of {self.name} has no attention "
+                    f"block {self.structure.paths[missing[0]]} of {self.name} has no attention "
                     "that attention methods can read (softmax(...) @ V, "
                     "scaled_dot_product_attention or nn.MultiheadAttention); use a gradient "
                     "method such as fullgrad+")
@@ -171,9 +179,13 @@ def _gradients(score: Tensor, tensors: list[Tensor]) -> list[Tensor]:
             for t, g in zip(tensors, grads, strict=True)]
 
 
-def _tokens_last(layout: Layout, node: fx.Node, value: Tensor) -> Tensor:
-    """A (batch, tokens, channels) value in the layout's token order."""
-    axes = layout.axes[node]
-    value = value.movedim(axes.batch, 0)
-    token = axes.tokens + (axes.tokens < axes.batch)
-    return layout.reorder(value.movedim(token, 1))
+def _check_global(probs: Tensor, layout: Layout, batch: int, where: str) -> None:
+    """Attention methods read token-to-token matrices over the map's tokens: refuse windowed
+    attention (the batch folded with the windows) and attention over other positions."""
+    if probs.dim() != 4 or probs.shape[0] != batch or probs.shape[-1] != layout.tokens \
+            or probs.shape[-2] != layout.tokens:
+        raise LibraError(
+            f"the attention in {where} is {tuple(probs.shape)} (batch, heads, queries, keys), "
+            f"not over the {layout.tokens} tokens of the first block's input for a batch of "
+            f"{batch} (windowed or on another stage's grid); attention methods need global "
+            "attention over one token stream: use a gradient method such as fullgrad+")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import LibraError
 from .tokens import Layout
 
 
@@ -17,7 +18,8 @@ class Explanation:
 
     ``token_map`` (B, T) has a value for every token of the first block's input, prefix tokens
     (class, register, distillation) first, then the patches in raster order; ``patch_map`` is
-    the patches on their (gh, gw) grid. ``remainder`` (B,) holds what belongs to no token (a
+    the patches on their (gh, gw) grid, or for a sequence with no grid (text) the tokens after
+    the prefix, (B, T - prefix). ``remainder`` (B,) holds what belongs to no token (a
     head bias on a model without a class token), so for complete methods
     ``token_map.sum(-1) + remainder == score``. ``pixel_map`` (B, H, W) is set at pixel level.
     """
@@ -42,6 +44,9 @@ class Explanation:
         """(B, H, W) at the image size: the pixel map, or the patch map upsampled bilinearly."""
         size = (size, size) if isinstance(size, int) else tuple(size)
         source = self.pixel_map if self.pixel_map is not None else self.patch_map
+        if source.dim() != 3:
+            raise LibraError("this explanation is of a sequence with no grid (a map per "
+                             "token): there is no heatmap; read token_map")
         if tuple(source.shape[-2:]) == size:
             return source
         return F.interpolate(source[:, None].float(), size=size, mode="bilinear",
@@ -61,8 +66,9 @@ def to_explanation(layout: Layout, libra: bool, method: str, level: str, tokens:
                    baseline_score: Tensor | None = None) -> Explanation:
     """The Explanation of a token map in ``layout``'s order: every method ends here, so the
     patch grid is cut and the maps are detached in one place."""
-    gh, gw = layout.grid
-    patches = tokens[:, layout.prefix:].reshape(-1, gh, gw)
+    patches = tokens[:, layout.prefix:]
+    if layout.grid is not None:
+        patches = patches.reshape(-1, *layout.grid)
     return Explanation(tokens.detach(), patches.detach(), remainder.detach(), score,
                        baseline_score, method, libra, level, layout.prefix,
                        None if pixels is None else pixels.detach())

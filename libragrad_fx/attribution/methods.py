@@ -19,9 +19,15 @@ from .pixels import spread
 from .tokens import Layout
 
 
+def on_tokens(p: Readout, layer: int, per_position: Tensor) -> Tensor:
+    """(B, N_l) at block ``layer``'s positions -> (B, T): a later stage's coarser grid is
+    spread evenly over the first block's grid, the total kept (``grid.regrid``)."""
+    return p.layout.on_tokens(p.nodes[layer], per_position)
+
+
 def block_io(p: Readout, layer: int) -> Tensor:
     """Σ_c h_l ⊙ g_l, (B, T): block ``layer``'s input times its gradient."""
-    return (p.h[layer] * p.g[layer]).sum(-1)
+    return on_tokens(p, layer, (p.h[layer] * p.g[layer]).sum(-1))
 
 
 def site_sum(p: Readout, layout: Layout, weight: Callable[[int], float]) -> tuple[Tensor, Tensor]:
@@ -62,7 +68,7 @@ def input_grad(n: int) -> Needs:
 
 
 def gradient(p: Readout, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
-    return p.g[0].abs().amax(-1), zero(p)
+    return on_tokens(p, 0, p.g[0].abs().amax(-1)), zero(p)
 
 
 def gradient_pixels(p: Readout, x: Tensor, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
@@ -138,6 +144,8 @@ def _cam_tokens(h: Tensor, g: Tensor, layout: Layout, tokens: str) -> tuple[Tens
         return h, g
     if tokens != "patches":
         raise InputError(f"tokens must be 'all' or 'patches', got {tokens!r}")
+    if layout.prefix == 0 or h.shape[1] != layout.tokens:  # no prefix tokens: the same
+        return h, g
     keep = torch.ones(h.shape[1], dtype=h.dtype, device=h.device)
     keep[:layout.prefix] = 0
     return h * keep[:, None], g * keep[:, None]
@@ -145,9 +153,10 @@ def _cam_tokens(h: Tensor, g: Tensor, layout: Layout, tokens: str) -> tuple[Tens
 
 def gradcam(p: Readout, layout: Layout, n: int, tokens: str = "all") -> tuple[Tensor, Tensor]:
     h, g = _cam_tokens(p.h[n - 1], p.g[n - 1], layout, tokens)
-    count = h.shape[1] - (layout.prefix if tokens == "patches" else 0)
+    prefix = layout.prefix if h.shape[1] == layout.tokens else 0
+    count = h.shape[1] - (prefix if tokens == "patches" else 0)
     weights = g.sum(1, keepdim=True) / count
-    return (weights * h).sum(-1), zero(p)
+    return on_tokens(p, n - 1, (weights * h).sum(-1)), zero(p)
 
 
 def xgradcam_plus(p: Readout, layout: Layout, n: int, tokens: str = "all"
@@ -155,9 +164,9 @@ def xgradcam_plus(p: Readout, layout: Layout, n: int, tokens: str = "all"
     h, g = _cam_tokens(p.h[n - 1], p.g[n - 1], layout, tokens)
     h = h.abs()
     weights = (g * h).sum(1, keepdim=True) / h.sum(1, keepdim=True).clamp_min(1e-12)
-    return (weights * h).sum(-1), zero(p)
+    return on_tokens(p, n - 1, (weights * h).sum(-1)), zero(p)
 
 
 def layercam(p: Readout, layout: Layout, n: int) -> tuple[Tensor, Tensor]:
     h, g = p.h[n - 1], p.g[n - 1]
-    return (g.clamp_min(0) * h).sum(-1).clamp_min(0), zero(p)
+    return on_tokens(p, n - 1, (g.clamp_min(0) * h).sum(-1).clamp_min(0)), zero(p)

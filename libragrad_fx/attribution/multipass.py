@@ -52,7 +52,7 @@ def integrated_gradients(method: Method, compiled: CompiledModel, x: Tensor, tar
     layout = compiled.layout(x)
     baseline = settings["baseline"]
     if level == "token":
-        stream = TokenStream(compiled, x)
+        stream = TokenStream(compiled, x, spatial=True)
         output, start = stream.first_input(x)
         with torch.no_grad():
             score = target.score(output, compiled.libra)
@@ -88,8 +88,8 @@ def integrated_gradients(method: Method, compiled: CompiledModel, x: Tensor, tar
         weight = weights[step].to(start.device, start.dtype).reshape(shape)
         total.index_add_(0, sample.to(total.device), grad.detach() * weight)
     attribution = (start - origin) * total
-    if level == "token":  # (B, T, C) in the model's token order
-        tokens = layout.reorder(attribution.sum(-1))
+    if level == "token":  # h_0's shape, batch first
+        tokens = stream.to_tokens(attribution)
         return to_explanation(layout, compiled.libra, method.name, level, tokens,
                               score.new_zeros(batch), score, baseline_score=baseline_score)
     pixels = attribution.sum(1)

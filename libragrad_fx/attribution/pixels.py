@@ -5,13 +5,21 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..errors import LibraError
 from .tokens import Layout
+
+
+def _grid(layout: Layout) -> tuple[int, int]:
+    if layout.grid is None:
+        raise LibraError("level='pixel' needs an image: this model's input is a sequence with "
+                         "no grid (a map per token); use level='token'")
+    return layout.grid
 
 
 def spread(tokens: Tensor, layout: Layout, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """(B, T) -> (B, H, W), each patch's value shared evenly by its pixels; the prefix tokens'
     values are returned as the remainder (B,)."""
-    gh, gw = layout.grid
+    gh, gw = _grid(layout)
     height, width = size
     ph, pw = height // gh, width // gw
     patches = tokens[:, layout.prefix:].reshape(-1, gh, gw) / (ph * pw)
@@ -23,7 +31,7 @@ def spread(tokens: Tensor, layout: Layout, size: tuple[int, int]) -> tuple[Tenso
 def pool(pixels: Tensor, layout: Layout) -> tuple[Tensor, Tensor]:
     """(B, H, W) -> (B, T), each patch the sum of its pixels and the prefix tokens zero; pixels
     outside the patch grid are returned as the remainder (B,)."""
-    gh, gw = layout.grid
+    gh, gw = _grid(layout)
     batch, height, width = pixels.shape
     ph, pw = height // gh, width // gw
     inside = pixels[:, :gh * ph, :gw * pw]

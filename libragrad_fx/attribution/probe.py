@@ -48,9 +48,11 @@ class Probe:
             with graph.inserting_after(first_input):  # before any optional argument
                 stream = graph.placeholder("stream")
             mapping[start].replace_all_uses_with(stream)
-            graph.eliminate_dead_code()
-        graph.lint()
         self.module = fx.GraphModule(gm, graph)
+        if start is not None:  # owned by a module, so that impure ops (batch norm) are kept
+            self.module.graph.eliminate_dead_code()
+            self.module.recompile()
+        self.module.graph.lint()
 
     def __call__(self, *inputs: Tensor) -> tuple[Any, dict[fx.Node, Any]]:
         try:

@@ -2,8 +2,10 @@
 
 No model names: the blocks are the longest run of sibling modules of one class, named by
 consecutive integers from 0 (``P.0, P.1, ...`` as in timm, or ``P.layer_0, P.layer_1, ...`` as in
-torchvision), that the graph passes through; a block's input is the one value from outside the
-block that carries gradient into it. ``blocks="P"`` (or ``"P.layer_"``) overrides the choice.
+torchvision), that the graph passes through, or in a hierarchical model the runs under each
+member of a numbered run, stage after stage (``layers.0.blocks.0, ..., layers.1.blocks.0``) when
+that gives more blocks; a block's input is the one value from outside the block that carries
+gradient into it. ``blocks="P"`` (or ``"P.layer_"``, ``"layers.*.blocks"``) overrides the choice.
 """
 
 from __future__ import annotations
@@ -48,14 +50,16 @@ class AttentionSite:
 class Structure:
     """The static plan for one graph: block inputs, the last block's output, attention."""
 
-    path: str  # block i is the module path + str(i)
+    name: str  # how the blocks are named to the user: "blocks", "layers.*.blocks"
+    paths: tuple[str, ...]  # block i's module path, in graph order
     inputs: tuple[fx.Node, ...]  # h_0 ... h_{L-1}
     output: fx.Node  # the residual stream after the last block
-    attention: tuple[AttentionSite | None, ...]  # one per block, None where there is none
+    # one per block, None where there is none, the error where it cannot be read
+    attention: tuple[AttentionSite | LibraError | None, ...]
 
 
-def _block_paths(gm: fx.GraphModule, model: nn.Module) -> dict[str, list[int]]:
-    """Every run ``prefix -> [0, 1, ...]`` such that nodes were traced inside ``prefix + "i"``.
+def _numbered(gm: fx.GraphModule) -> dict[str, set[int]]:
+    """Every ``prefix -> {i, ...}`` such that nodes were traced inside ``prefix + "i"``.
 
     A prefix is a parent path and a child-name stem: ``"blocks."`` for ``blocks.0``,
     ``"encoder.layers.encoder_layer_"`` for ``encoder.layers.encoder_layer_0``.
@@ -69,18 +73,60 @@ def _block_paths(gm: fx.GraphModule, model: nn.Module) -> dict[str, list[int]]:
             if match is not None:
                 parent = "".join(f"{p}." for p in parts[:end])
                 found[parent + match.group(1)].add(int(match.group(2)))
+    return found
+
+
+def _one_class(model: nn.Module, paths: list[str]) -> bool:
+    try:
+        return len({type(model.get_submodule(p)) for p in paths}) == 1
+    except AttributeError:
+        return False
+
+
+def _block_paths(gm: fx.GraphModule, model: nn.Module) -> dict[str, list[int]]:
+    """The runs ``prefix -> [0, 1, ...]`` of sibling modules of one class (one or more)."""
     runs = {}
-    for prefix, indices in found.items():
+    for prefix, indices in _numbered(gm).items():
         run = sorted(indices)
-        if run != list(range(len(run))) or len(run) < 2:
-            continue
-        try:
-            kinds = {type(model.get_submodule(f"{prefix}{i}")) for i in run}
-        except AttributeError:
-            continue
-        if len(kinds) == 1:
+        if run == list(range(len(run))) and _one_class(model, [f"{prefix}{i}" for i in run]):
             runs[prefix] = run
     return runs
+
+
+def _first_use(gm: fx.GraphModule) -> dict[str, int]:
+    """Each module path's first node in graph order (and each of its parents')."""
+    first: dict[str, int] = {}
+    for index, node in enumerate(gm.graph.nodes):
+        parts = module_path(node).split(".")
+        for end in range(1, len(parts) + 1):
+            first.setdefault(".".join(parts[:end]), index)
+    return first
+
+
+def _candidates(gm: fx.GraphModule, model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Every way to read the blocks, by the name shown to the user: a run of two or more
+    siblings (``blocks``), and runs under the members of a numbered run, stage after stage
+    (``layers.*.blocks``, ``features.*``; the stages need not be one class, as torchvision's
+    ``features`` mixes stages with patch merging), when every block is of one class."""
+    runs = _block_paths(gm, model)
+    found = _numbered(gm)
+    first = _first_use(gm)
+    chosen = {_shown(p): tuple(f"{p}{i}" for i in run) for p, run in runs.items()
+              if len(run) >= 2}
+    nested: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for outer, indices in found.items():
+        for i in sorted(indices):
+            stage = f"{outer}{i}."
+            for prefix, run in runs.items():
+                stem = prefix[len(stage):]
+                if prefix.startswith(stage) and "." not in stem.rstrip("."):
+                    nested[(outer, stem)] += [f"{prefix}{j}" for j in run]
+    for (outer, stem), paths in nested.items():
+        stages = {p[len(outer):].split(".", 1)[0] for p in paths}
+        if len(stages) >= 2 and _one_class(model, paths):
+            paths.sort(key=lambda p: first.get(p, 0))
+            chosen[f"{outer}*.{_shown(stem)}" if stem else f"{outer}*"] = tuple(paths)
+    return chosen
 
 
 def _shown(prefix: str) -> str:
@@ -89,26 +135,30 @@ def _shown(prefix: str) -> str:
 
 
 def find_blocks(gm: fx.GraphModule, model: nn.Module,
-                override: str | None = None) -> tuple[str, int]:
-    """The prefix of the repeated blocks (block ``i`` is the module ``prefix + str(i)``) and
-    how many there are."""
-    runs = _block_paths(gm, model)
+                override: str | None = None) -> tuple[str, tuple[str, ...]]:
+    """The blocks' name and module paths, in graph order.
+
+    The choice is the reading with the most blocks, the shallower on a tie: ViT's ``blocks``;
+    Swin's ``layers.*.blocks`` (each stage's blocks) over ``layers`` (the stages) when a stage
+    holds two or more blocks.
+    """
+    chosen = _candidates(gm, model)
     if override is not None:
-        matches = [p for p in runs if override in (p, _shown(p))]
+        matches = [n for n in chosen if override in (n, n + ".")]
         if not matches:  # a parent whose children have one numbered stem
-            matches = [p for p in runs if p.rsplit(".", 1)[0] == override and "." in p]
+            matches = [n for n in chosen if n.rsplit(".", 1)[0] == override and "." in n]
         if len(matches) != 1:
-            known = ", ".join(sorted(_shown(p) for p in runs)) or "none"
+            known = ", ".join(sorted(chosen)) or "none"
             raise LibraError(f"blocks={override!r} is not a run of sibling blocks the graph "
                              f"passes through; the runs found are: {known}")
-        return matches[0], len(runs[matches[0]])
-    if not runs:
+        return matches[0], chosen[matches[0]]
+    if not chosen:
         raise LibraError(
             f"{type(model).__name__} has no repeated blocks (sibling modules of one class named "
             "P.0, P.1, ... or P.layer_0, P.layer_1, ...) for explain to read its tokens from; "
             "pass blocks='path.to.blocks'")
-    prefix = max(runs, key=lambda p: (len(runs[p]), -p.count(".")))
-    return prefix, len(runs[prefix])
+    name = max(chosen, key=lambda n: (len(chosen[n]), -chosen[n][0].count(".")))
+    return name, chosen[name]
 
 
 def _inside(node: fx.Node, prefix: str) -> bool:
@@ -134,7 +184,9 @@ def _through(value: object) -> object:
     return value
 
 
-def _attention(nodes: list[fx.Node], flow: Dataflow) -> AttentionSite | None:
+def _attention(nodes: list[fx.Node], flow: Dataflow) -> AttentionSite | LibraError | None:
+    """The block's one attention, None, or (returned, raised by the attention methods only)
+    the error saying why there is not one."""
     sites = []
     for node in nodes:
         op = optable.call_record(node)
@@ -151,31 +203,31 @@ def _attention(nodes: list[fx.Node], flow: Dataflow) -> AttentionSite | None:
                 sites.append(AttentionSite(AttentionRead.SOFTMAX, node, node, left))
     if len(sites) > 1:
         where = module_path(sites[0].node)
-        raise LibraError(f"a block holds {len(sites)} attentions (first in {where!r}); "
-                         "attention methods need one per block")
+        return LibraError(f"a block holds {len(sites)} attentions (first in {where!r}); "
+                          "attention methods need one per block")
     return sites[0] if sites else None
 
 
 def structure(gm: fx.GraphModule, model: nn.Module, blocks: str | None = None) -> Structure:
     """The residual stream of ``gm``: its block inputs, final value and attention sites."""
     flow = Dataflow.of(gm)
-    path, count = find_blocks(gm, model, blocks)
-    members: list[list[fx.Node]] = [[] for _ in range(count)]
+    name, paths = find_blocks(gm, model, blocks)
+    members: list[list[fx.Node]] = [[] for _ in paths]
     for node in gm.graph.nodes:
-        for i in range(count):
-            if _inside(node, f"{path}{i}"):
+        for i, path in enumerate(paths):
+            if _inside(node, path):
                 members[i].append(node)
                 break
     first = next(n for n in gm.graph.nodes if n.op == "placeholder")
     image = nx.descendants(flow.graph, first) | {first}  # flags such as is_causal are not
-    inputs = tuple(_block_input(m, image, f"{path}{i}") for i, m in enumerate(members))
+    inputs = tuple(_block_input(m, image, p) for m, p in zip(members, paths, strict=True))
     last = set(members[-1])
     leaving = [n for n in members[-1] if n in image and any(u not in last for u in n.users)]
     if len(leaving) != 1:
-        raise LibraError(f"the last block {path}{count - 1} should hand one value to what "
+        raise LibraError(f"the last block {paths[-1]} should hand one value to what "
                          f"follows; it hands {len(leaving)}")
     attention = tuple(_attention(m, flow) for m in members)
-    return Structure(path, inputs, leaving[0], attention)
+    return Structure(name, paths, inputs, leaving[0], attention)
 
 
 def sdpa_arguments(node: fx.Node) -> dict:

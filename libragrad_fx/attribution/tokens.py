@@ -1,17 +1,19 @@
-"""The token layout: which axis of a value is the batch and which the tokens, which tokens are
-patches (in raster order on a gh x gw grid) and which are prefix tokens, and which one, if
-any, the output reads as the class token.
+"""The token layout: which axis of a value is the batch and which the tokens (or the grid),
+which tokens are patches (in raster order on a gh x gw grid) and which are prefix tokens, and
+which one, if any, the output reads as the class token.
 
-It is measured, not assumed: the graph is run twice with no gradient on small batches of
-different sizes (the axis whose size follows the batch is the batch axis) and different
-pixels (the tokens of the first block's input that do not change are the prefix tokens).
+Three kinds of residual stream: tokens (B, T, C), as in a ViT or a text model (where the input
+is not an image, there is no grid: a map per token); and a spatial grid (B, H, W, C) or
+(B, C, H, W), as in Swin, ConvNeXt, MaxViT, whose later stages may be on coarser grids (put on
+the first block's grid by ``grid.regrid``). It is measured, not assumed: the graph is run twice
+with no gradient on small batches of different sizes (the axis whose size follows the batch is
+the batch axis) and different inputs (the tokens of the first block's input that do not change
+are the prefix tokens).
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from functools import cached_property
 
 import networkx as nx
 import torch
@@ -19,9 +21,13 @@ import torch.fx as fx
 from torch import Tensor
 
 from ..compiler.dataflow import Dataflow
-from ..compiler.graph_utils import is_call, module_path
+from ..compiler.graph_utils import is_call
 from ..errors import LibraError
+from .grid import flat_cells, grid_axes
+from .layout import Axes, Layout
 from .structure import Structure
+
+__all__ = ["Axes", "Layout", "measure_layout"]
 
 
 class _Shapes(fx.Interpreter):
@@ -38,81 +44,6 @@ class _Shapes(fx.Interpreter):
             if n in self.keep:
                 self.kept[n] = value
         return value
-
-
-@dataclass(frozen=True)
-class Axes:
-    """Where a value keeps its batch and its tokens (``tokens``), or its patch grid (``grid``,
-    the first of two consecutive axes). Neither: the value belongs to no token. A batch folded
-    with another axis, (B·k, ...), has ``fold = k``; the other indices then count the value
-    unfolded to (B, k, ...)."""
-
-    batch: int
-    tokens: int | None = None
-    grid: int | None = None
-    fold: int = 1
-
-    def spare_last(self, ndim: int) -> bool:
-        """True when the last axis of an ``ndim``-D value is a channel axis (neither batch,
-        tokens nor grid), so summing it early changes no token's total."""
-        last = ndim - 1
-        grid = () if self.grid is None else (self.grid, self.grid + 1)
-        return self.fold == 1 and last not in (self.batch, self.tokens, *grid)
-
-    def unfold(self, value: Tensor) -> Tensor:
-        """The value with its batch first (and unfolded)."""
-        if self.fold > 1:
-            value = value.unflatten(self.batch, (-1, self.fold))
-        return value.movedim(self.batch, 0)
-
-
-@dataclass(frozen=True)
-class Layout:
-    tokens: int  # T, every token of the first block's input
-    order: tuple[int, ...]  # model positions, prefix tokens first, then the patches
-    prefix: int
-    grid: tuple[int, int]
-    cls: int | None  # the class token's index in ``order``
-    axes: dict[fx.Node, Axes]
-
-    @cached_property
-    def _in_model_order(self) -> bool:
-        return self.order == tuple(range(len(self.order)))
-
-    def reorder(self, value: Tensor, dim: int = 1) -> Tensor:
-        """``value``'s token axis ``dim`` (model positions) in our order; a view when the
-        model already puts the prefix first, which saves a copy of every tapped activation."""
-        if self._in_model_order:
-            return value
-        return value.index_select(dim, torch.tensor(self.order, device=value.device))
-
-    def to_tokens(self, node: fx.Node, value: Tensor) -> Tensor | None:
-        """``value`` (shaped like ``node``'s output) summed to (B, T) in our token order, or
-        None when the node has no token axis."""
-        ax = self.axes.get(node)
-        if ax is None:
-            raise LibraError(f"cannot tell which axis of {node.name} (in "
-                             f"{module_path(node) or '<root>'}) is the batch (no one axis grows "
-                             "with the batch size), so its contribution cannot be put on "
-                             "tokens")
-        value = ax.unfold(value)
-        if ax.tokens is not None:
-            axis = ax.tokens + (ax.tokens < ax.batch)
-            other = [d for d in range(1, value.dim()) if d != axis]
-            per_token = value.sum(other) if other else value
-            return self.reorder(per_token)
-        if ax.grid is not None:
-            axis = ax.grid + (ax.grid < ax.batch)
-            value = value.movedim((axis, axis + 1), (1, 2)).flatten(1, 2)
-            patches = value.sum(list(range(2, value.dim()))) if value.dim() > 2 else value
-            head = patches.new_zeros(patches.shape[0], self.prefix)
-            return torch.cat([head, patches], dim=1)
-        return None
-
-    def unassigned(self, node: fx.Node, value: Tensor) -> Tensor:
-        """A value of ``node`` with no token axis, summed to (B,)."""
-        value = self.axes[node].unfold(value)
-        return value.reshape(value.shape[0], -1).sum(1)
 
 
 def _batch_axis(one: tuple, two: tuple) -> tuple[int, int] | None:
@@ -182,9 +113,12 @@ def measure_layout(gm: fx.GraphModule, structure: Structure, x: Tensor) -> Layou
                   for n in one.shapes if n in two.shapes}
     shape, found = one.shapes[h0], batch_axes.get(h0)
     axis = found[0] if found is not None and found[1] == 1 else None
-    if len(shape) != 3 or axis is None:
-        raise LibraError(f"the first block's input has shape {shape}; token-level maps need a "
-                         "residual stream of shape (batch, tokens, channels)")
+    if axis is None or len(shape) not in (3, 4):
+        raise LibraError(f"the first block's input has shape {shape}; maps need a residual "
+                         "stream of shape (batch, tokens, channels), (batch, height, width, "
+                         "channels) or (batch, channels, height, width)")
+    if len(shape) == 4:
+        return _spatial(shape, axis, batch_axes, one.shapes, x)
     token_axis = [i for i in range(2) if i != axis][0]
     tokens = shape[token_axis]
     a = one.kept[h0].movedim(axis, 0)[0]
@@ -192,8 +126,8 @@ def measure_layout(gm: fx.GraphModule, structure: Structure, x: Tensor) -> Layou
     same = ((b[0] == a) & (b[1] == a)).movedim(token_axis - (token_axis > axis), 0)
     constant = [t for t in range(tokens) if bool(same[t].all())]
     patches = [t for t in range(tokens) if t not in constant]
-    grid = _grid(structure, flow, batch_axes, one.shapes, tokens)
-    if grid[0] * grid[1] != len(patches):
+    grid = _grid(structure, flow, batch_axes, one.shapes, tokens) if x.dim() == 4 else None
+    if grid is not None and grid[0] * grid[1] != len(patches):
         raise LibraError(f"the first block's input has {len(patches)} tokens that depend on "
                          f"the pixels, which is not the {grid[0]}x{grid[1]} patch grid found")
     axes = {}
@@ -206,9 +140,42 @@ def measure_layout(gm: fx.GraphModule, structure: Structure, x: Tensor) -> Layou
             sizes = (*sizes[:bax], 1, fold, *sizes[bax + 1:])
         dims = [i for i in range(len(sizes)) if i != bax]
         tok = next((i for i in dims if sizes[i] == tokens), None)
-        grd = next((i for i in dims if i + 1 in dims and (sizes[i], sizes[i + 1]) == grid), None)
-        axes[node] = Axes(bax, tok, None if tok is not None else grd, fold)
+        grd = next((i for i in dims if i + 1 in dims and (sizes[i], sizes[i + 1]) == grid),
+                   None) if grid is not None and tok is None else None
+        flat = None
+        if grid is not None and tok is None and grd is None and fold == 1 and not constant \
+                and len(sizes) >= 3:  # a later stage of a hierarchical token model
+            flat = next(((i, c) for i in dims if (c := flat_cells(sizes[i], grid))), None)
+        if flat is not None:
+            axes[node] = Axes(bax, None, flat[0], fold, flat[1], flat=True)
+        else:
+            axes[node] = Axes(bax, tok, grd, fold, None if grd is None else grid)
     order = tuple(constant + patches)
     cls = _class_token(structure, flow, axes, constant, tokens)
     return Layout(tokens, order, len(constant), grid,
                   None if cls is None else order.index(cls), axes)
+
+
+def _spatial(shape: tuple, axis: int, batch_axes: dict, shapes: dict, x: Tensor) -> Layout:
+    """A residual stream on a grid, (B, H, W, C) or (B, C, H, W): the first block's grid is
+    the pair of its axes that tiles the image; every value with a batch axis and a pair of
+    axes fitting that grid (finer, as a stem's, or coarser, as a later stage's) has its cells
+    on it. No prefix tokens, no class token."""
+    image = tuple(x.shape[-2:]) if x.dim() == 4 else None
+    at = grid_axes(shape, axis, image) if image is not None else None
+    if at is None:
+        raise LibraError(f"the first block's input has shape {shape}, and no two of its axes "
+                         "tile the input image; a spatial residual stream must be (batch, "
+                         "height, width, channels) or (batch, channels, height, width)")
+    grid = (shape[at], shape[at + 1])
+    axes = {}
+    for node, found in batch_axes.items():
+        if found is None:
+            continue
+        bax, fold = found
+        sizes = shapes[node]
+        at = grid_axes(sizes, bax, grid) if fold == 1 else None
+        axes[node] = Axes(bax, None, at, fold,
+                          None if at is None else (sizes[at], sizes[at + 1]))
+    tokens = grid[0] * grid[1]
+    return Layout(tokens, tuple(range(tokens)), 0, grid, None, axes)
