@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..compiler.dataflow import Dataflow
+from ..compiler.graph_module import LibraGraphModule
 from ..compiler.transform import libra_transform
 from ..errors import LibraError, LibraWarning
 from . import attention as attn
@@ -53,6 +54,19 @@ class Readout:
     input_grad: Tensor | None = None
 
 
+def _as_compiled(gm: LibraGraphModule, libra: bool) -> LibraGraphModule:
+    """A module ``libra_transform`` returned, used as it is (never traced again): its own
+    rules are its form. Vanilla maps of a Libra-compiled module need the original model."""
+    rules = gm.libra_report.rules
+    if bool(rules) != libra:
+        form = "LibraGrad's rules (" + ", ".join(rules) + ")" if rules else "no rules (vanilla)"
+        raise LibraError(
+            f"{gm.libra_report.model} was compiled with {form}, and libra={libra} asks for the "
+            "other form; pass the original model for both forms, or this module with "
+            f"libra={bool(rules)}")
+    return gm
+
+
 class CompiledModel:
     """``model`` compiled once, with LibraGrad's rules (``libra=True``) or none.
 
@@ -63,11 +77,14 @@ class CompiledModel:
     def __init__(self, model: nn.Module, libra: bool, example: Tensor,
                  blocks: str | None = None, frontend: str = "auto"):
         self.libra, self.name = libra, type(model).__name__
-        with warnings.catch_warnings():
-            if not libra:
-                warnings.simplefilter("ignore", LibraWarning)
-            self.gm = libra_transform(model, rules=None if libra else (),
-                                      example_inputs=(example,), frontend=frontend)
+        if isinstance(model, LibraGraphModule):
+            self.gm = _as_compiled(model, libra)
+        else:
+            with warnings.catch_warnings():
+                if not libra:
+                    warnings.simplefilter("ignore", LibraWarning)
+                self.gm = libra_transform(model, rules=None if libra else (),
+                                          example_inputs=(example,), frontend=frontend)
         self.sites = site_probes(self.gm, self.gm.libra_report.bias_sites)
         try:
             self._structure: Structure | LibraError = structure(self.gm, model, blocks)

@@ -15,6 +15,8 @@ from types import MappingProxyType
 
 from torch import Tensor, nn
 
+from ..compiler import input_check
+from ..compiler.graph_module import failure_reason
 from ..errors import InputError, LibraError
 from .engine import CompiledModel
 from .explanation import Explanation
@@ -102,9 +104,7 @@ class Explainer:
                 libra: bool = True, level: str = "token", **options) -> Explanation:
         """See ``libragrad_fx.explain``."""
         record, settings = configure(method, level, options)
-        if not isinstance(x, Tensor) or x.dim() < 2:
-            raise InputError("x must be a batched input tensor, (batch, channels, height, "
-                             "width) for an image model")
+        input_check.check_input(x, "explain", model=self.model)
         objective = resolve(target, self.model, score=settings["score"],
                             tokenizer=settings["tokenizer"])
         if objective.count is not None and x.shape[0] == 1:
@@ -112,7 +112,16 @@ class Explainer:
         elif objective.count is not None and objective.count != x.shape[0]:
             raise InputError(f"{objective.count} targets for a batch of {x.shape[0]} samples; "
                              "pass one target, or one per sample")
-        return record.explain(self.compiled(bool(libra), x), x, objective, level, settings)
+        try:
+            return record.explain(self.compiled(bool(libra), x), x, objective, level, settings)
+        except LibraError:
+            raise
+        except Exception as exc:  # the model's own failure on this input, as one line
+            raise InputError(
+                f"explain could not run {type(self.model).__name__} on "
+                f"{input_check.describe(x)}: {type(exc).__name__}: {failure_reason(exc)}. Pass "
+                "the input the model accepts (an image model: (batch, channels, height, "
+                "width) at the size it was built for)") from exc
 
 
 # model -> its compiled models; they do not reference the model, so entries die with it

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError, LibraError
 from .bias import BiasSite
-from .graph_module import LibraGraphModule
+from .graph_module import LibraGraphModule, failure_reason
 from .input_check import check_input
 
 Target = int | Tensor | Callable[[Tensor], Tensor]
@@ -181,7 +181,7 @@ def completeness_error(model_or_gm: nn.Module, x: Tensor, target: Target, *,
                 raise
             except Exception as exc:
                 raise InputError(f"the model could not run on a sample of shape "
-                                 f"{tuple(xi.shape)}: {exc}") from exc
+                                 f"{tuple(xi.shape)}: {failure_reason(exc)}") from exc
             score = _score(out, target, i)
             try:
                 grads = torch.autograd.grad(score, [xi, *runner.leaves], allow_unused=True)

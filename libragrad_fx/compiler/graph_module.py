@@ -31,9 +31,10 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-def _reason(exc: Exception) -> str:
-    """The last line of the message, without the tracer's placeholders baked into it."""
-    text = str(exc).strip()
+def failure_reason(exc: Exception) -> str:
+    """The last line of the message (before fx's "While executing" trailer), without the
+    tracer's placeholders baked into it."""
+    text = str(exc).split("While executing")[0].strip()
     text = text.splitlines()[-1] if text else type(exc).__name__
     return re.sub(r"Proxy\(\w+\)", "...", text).rstrip(".")
 
@@ -110,7 +111,7 @@ class LibraGraphModule(fx.GraphModule):
             raise
         except Exception as exc:
             given = ", ".join(_describe(a) for a in (*args, *kwargs.values()))
-            reason = _reason(exc)
+            reason = failure_reason(exc)
             raise InputError(
                 f"the transformed {self.libra_report.model} could not run on {given}: "
                 f"{reason}. Pass the input the original model accepts (for an image model, "

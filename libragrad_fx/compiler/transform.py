@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -174,6 +175,9 @@ def libra_transform(
             "running statistics), and libra_transform does not change your model: call "
             "model.eval() before transforming it."
         )
+    if isinstance(example_inputs, torch.Tensor):
+        raise LibraError("example_inputs is a tuple of tensors (or a dict of keyword tensors): "
+                         "pass (x,), not x")
     rules = tuple(libra() if rules is None else rules)
     wrong = [r for r in rules if not isinstance(r, Rule)]
     if wrong:
