@@ -75,16 +75,22 @@ class CompiledModel:
     """
 
     def __init__(self, model: nn.Module, libra: bool, example: Tensor,
-                 blocks: str | None = None, frontend: str = "auto"):
+                 blocks: str | None = None, frontend: str = "auto",
+                 input_name: str | None = None):
         self.libra, self.name = libra, type(model).__name__
         if isinstance(model, LibraGraphModule):
             self.gm = _as_compiled(model, libra)
         else:
+            # two samples at least, so that an exported graph keeps its batch symbolic: the
+            # layout is measured on batches of 1 and 2, the methods run on copies of x
+            pair = example if example.shape[0] >= 2 else example[:1].expand(
+                2, *example.shape[1:]).clone()
+            inputs = (pair,) if input_name is None else {input_name: pair}
             with warnings.catch_warnings():
                 if not libra:
                     warnings.simplefilter("ignore", LibraWarning)
                 self.gm = libra_transform(model, rules=None if libra else (),
-                                          example_inputs=(example,), frontend=frontend)
+                                          example_inputs=inputs, frontend=frontend)
         self.sites = site_probes(self.gm, self.gm.libra_report.bias_sites)
         try:
             self._structure: Structure | LibraError = structure(self.gm, model, blocks)

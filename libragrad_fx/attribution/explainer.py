@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..compiler import input_check
 from ..compiler.graph_module import failure_reason
 from ..errors import InputError, LibraError
+from ..loading.text import embed_tokens
 from .engine import CompiledModel
 from .explanation import Explanation
 from .registry import configure, describe
@@ -40,6 +41,13 @@ class _ImageTower(nn.Module):
         return self.clip.encode_image(image)
 
 
+def _signature(x: Tensor, input_name: str | None) -> tuple:
+    """What an exported graph is specialised to: the input's shape past the batch, its dtype,
+    and the keyword it is passed as (if one)."""
+    base = (tuple(x.shape[1:]), x.dtype)
+    return base if input_name is None else (*base, input_name)
+
+
 class Explainer:
     """Attributions for one model; each form compiled on first use and kept.
 
@@ -56,24 +64,28 @@ class Explainer:
         self.blocks, self.frontend = blocks, frontend
         self._forms: dict[Key, CompiledModel] = {} if _forms is None else _forms
 
-    def _cached(self, libra: bool, x: Tensor) -> CompiledModel | None:
+    def _cached(self, libra: bool, x: Tensor, input_name: str | None = None
+                ) -> CompiledModel | None:
         form = (libra, self.blocks, self.frontend)
-        for signature in (None, (tuple(x.shape[1:]), x.dtype)):
+        for signature in (None, _signature(x, input_name)):
+            if signature is None and input_name is not None:
+                continue  # a keyword input is always exported
             if (*form, signature) in self._forms:
                 return self._forms[(*form, signature)]
         return None
 
-    def compiled(self, libra: bool, x: Tensor) -> CompiledModel:
-        """The model compiled in one form (``libra``) for inputs like ``x``, compiled now if
-        it is not yet: once per form, or per input shape and dtype for an exported graph."""
-        found = self._cached(libra, x)
+    def compiled(self, libra: bool, x: Tensor, input_name: str | None = None) -> CompiledModel:
+        """The model compiled in one form (``libra``) for inputs like ``x`` (passed as the
+        keyword ``input_name`` if given), compiled now if it is not yet: once per form, or per
+        input shape and dtype for an exported graph."""
+        found = self._cached(libra, x, input_name)
         if found is not None:
             return found
         blocks = self.blocks if self.tower is self.model or self.blocks is None else (
             f"clip.{self.blocks}")
-        compiled = CompiledModel(self.tower, libra, x, blocks, self.frontend)
+        compiled = CompiledModel(self.tower, libra, x, blocks, self.frontend, input_name)
         exported = compiled.gm.libra_report.frontend == "export"
-        signature = (tuple(x.shape[1:]), x.dtype) if exported else None
+        signature = _signature(x, input_name) if exported else None
         self._forms[(libra, self.blocks, self.frontend, signature)] = compiled
         return compiled
 
@@ -100,10 +112,15 @@ class Explainer:
             raise LibraError(f"explain needs a torch.nn.Module, got {type(model).__name__}")
         return cls(model, blocks=blocks, _forms=_FORMS.setdefault(model, {}))
 
-    def explain(self, x: Tensor, *, target: object, method: str = "fullgrad+",
-                libra: bool = True, level: str = "token", **options) -> Explanation:
+    def explain(self, x: Tensor | None = None, *, target: object, method: str = "fullgrad+",
+                libra: bool = True, level: str = "token", input_ids: Tensor | None = None,
+                input_name: str | None = None, **options) -> Explanation:
         """See ``libragrad_fx.explain``."""
         record, settings = configure(method, level, options)
+        if input_ids is not None:
+            if x is not None:
+                raise InputError("explain takes x or input_ids, not both")
+            x, input_name = embed_tokens(self.model, input_ids), input_name or "inputs_embeds"
         input_check.check_input(x, "explain", model=self.model)
         objective = resolve(target, self.model, score=settings["score"],
                             tokenizer=settings["tokenizer"])
@@ -113,7 +130,8 @@ class Explainer:
             raise InputError(f"{objective.count} targets for a batch of {x.shape[0]} samples; "
                              "pass one target, or one per sample")
         try:
-            return record.explain(self.compiled(bool(libra), x), x, objective, level, settings)
+            return record.explain(self.compiled(bool(libra), x, input_name), x, objective, level,
+                                  settings)
         except LibraError:
             raise
         except Exception as exc:  # the model's own failure on this input, as one line
@@ -128,8 +146,9 @@ class Explainer:
 _FORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def explain(model: nn.Module | Explainer, x: Tensor, *, target: object,
+def explain(model: nn.Module | Explainer, x: Tensor | None = None, *, target: object,
             method: str = "fullgrad+", libra: bool = True, level: str = "token",
+            input_ids: Tensor | None = None, input_name: str | None = None,
             **options) -> Explanation:
     """Attribute ``target``'s score at ``x`` with ``method``, in LibraGrad's form or vanilla.
 
@@ -139,11 +158,18 @@ def explain(model: nn.Module | Explainer, x: Tensor, *, target: object,
     (``"logit"`` or ``"probability"``) and ``tokenizer`` for every method, and each method's
     own, listed below from the registry (``libragrad_fx.attribution.registry``) with their
     defaults; ``smoothgrad``'s ``base`` is any one-pass method. The model is compiled once per
-    form and cached while it is alive. The methods:
+    form and cached while it is alive.
+
+    A model taking its input as a keyword (a Hugging Face model on ``inputs_embeds``) gets
+    ``input_name``; a text model can be given ``input_ids`` instead of x: they are embedded
+    with the model's own table (``embed_tokens``) and explained on ``inputs_embeds``, one map
+    entry per token (``token_logit`` / ``continuation_logprob`` make decoder targets, and
+    ``libragrad_fx.pictures.ansi``/``save_text`` draw the map over the tokens). The methods:
 
     """
     return Explainer.cached(model).explain(x, target=target, method=method, libra=libra,
-                                           level=level, **options)
+                                           level=level, input_ids=input_ids,
+                                           input_name=input_name, **options)
 
 
 explain.__doc__ = f"{explain.__doc__}{textwrap.indent(describe(), '    ')}\n"

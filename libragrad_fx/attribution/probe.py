@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.fx.graph import _PyTreeCodeGen
 
 from ..compiler import optable
 from ..errors import InputError, LibraError
@@ -40,6 +42,11 @@ class Probe:
         graph = fx.Graph()
         mapping: dict[fx.Node, fx.Node] = {}
         output = graph.graph_copy(gm.graph, mapping)
+        # a ModelOutput is rebuilt by the graph's pytree codegen: here the copy hands back its
+        # flat values, and __call__ rebuilds the object the model returns
+        codegen = gm.graph._codegen
+        self._out_spec = (codegen.pytree_info.out_spec if isinstance(codegen, _PyTreeCodeGen)
+                          and codegen.pytree_info.out_spec is not None else None)
         _parameters_as_constants(gm, graph)
         self.taps = tuple(dict.fromkeys(taps))
         graph.output((output, tuple(mapping[t] for t in self.taps)))
@@ -63,6 +70,8 @@ class Probe:
             shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
             raise InputError(f"the model could not run on input(s) of shape {shapes}: "
                              f"{str(exc).strip().splitlines()[-1]}") from exc
+        if self._out_spec is not None:
+            output = pytree.tree_unflatten(list(output), self._out_spec)
         return output, dict(zip(self.taps, values, strict=True))
 
 
