@@ -22,6 +22,7 @@ from torch import nn
 from torch.fx.graph_module import _copy_attr
 
 from ..errors import InputError, LibraError
+from .input_check import check_call
 from .report import RewriteReport
 
 
@@ -105,6 +106,7 @@ class LibraGraphModule(fx.GraphModule):
     def __call__(self, *args, **kwargs):
         if not args and not kwargs:
             raise InputError(f"{self.libra_report.model} expects an input tensor; got none")
+        check_call([*args, *kwargs.values()], f"the transformed {self.libra_report.model}")
         try:
             return super().__call__(*args, **kwargs)
         except LibraError:

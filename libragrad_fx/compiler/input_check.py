@@ -9,10 +9,12 @@ a finite number computed from NaNs.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
+from ..errors import InputError, LibraWarning
 
 
 def describe(x: object) -> str:
@@ -68,3 +70,20 @@ def check_input(x: object, who: str, *, model: nn.Module | None = None,
         raise InputError(f"{who}: the input has {bad} NaN or infinite value(s) of {x.numel()}; "
                          "the gradients and every map of it would be meaningless")
     return x
+
+
+def check_call(values: list[object], who: str) -> None:
+    """The part of the check that applies to any call of a compiled module (which may take
+    integer ids, and runs under inference mode): no meta tensor, no empty batch, and a warning
+    for non-finite floating inputs, whose outputs would be NaN without an error."""
+    for x in values:
+        if not isinstance(x, Tensor):
+            continue
+        if x.is_meta:
+            raise InputError(f"{who} got a meta tensor, which holds no values: {describe(x)}")
+        if x.dim() and x.shape[0] == 0:
+            raise InputError(f"{who} got an empty batch, {describe(x)}; pass at least one "
+                             "sample")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            warnings.warn(f"{who}: the input {describe(x)} has NaN or infinite values; the "
+                          "outputs and gradients will not be finite", LibraWarning, stacklevel=3)

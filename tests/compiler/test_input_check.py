@@ -63,3 +63,19 @@ def test_a_target_per_sample_is_read_per_sample():
 def test_rules_must_be_rule_objects():
     with pytest.raises(LibraError, match=r"rules takes Rule objects, got 'attention'.*libra\("):
         libra_transform(_model(), rules=["attention"])
+
+
+def test_a_compiled_module_refuses_meta_and_empty_inputs_and_warns_on_nan():
+    from libragrad_fx import LibraWarning
+
+    model = _model()
+    gm = libra_transform(model)
+    with pytest.raises(InputError, match="a meta tensor"):
+        gm(torch.empty(2, 4, device="meta"))
+    with pytest.raises(InputError, match="an empty batch"):
+        gm(torch.randn(0, 4))
+    with pytest.warns(LibraWarning, match="NaN or infinite values"):
+        gm(torch.tensor([[float("nan"), 0.0, 1.0, 2.0]]))
+    with torch.inference_mode():  # a forward alone is fine there
+        x = torch.randn(3, 4)
+        assert torch.equal(gm(x), model(x))
