@@ -19,7 +19,6 @@ import inspect
 import logging
 import operator
 import re
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,11 +34,11 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
 from ...errors import TraceError
 from .aten import to_canonical
+from .blocks import inline
+from .module_paths import copy_node, owner_stack
 from .verify import check_reproduces
 
 _STATE = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
-_SET_GRAD = torch.ops.higher_order.wrap_with_set_grad_enabled
-_AUTOCAST = torch.ops.higher_order.wrap_with_autocast
 # vmap's nesting calls (masks built with torch.vmap) return nothing the graph uses, but the
 # ops between them run at the vmap level they set: dead-code elimination must keep them.
 for _nesting in (_vmap_increment_nesting, _vmap_decrement_nesting):
@@ -131,35 +130,6 @@ def _export_attempts(model: nn.Module, args: tuple, kwargs: dict) -> ExportedPro
     return torch.export.export(model, args, kwargs, strict=False)
 
 
-def _clean_path(path: str) -> str:
-    """A dotted module path ('blocks.0.attn') from dynamo's spellings ("L['self'].blocks[0]")."""
-    path = re.sub(r"^(L\['self'\]|L__self__)(?=[.\[]|$)", "", str(path))
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    path = re.sub(r"\[['\"]?([^'\"\]]*)['\"]?\]", r".\1", path)
-    return path.strip(".")
-
-
-def _module_stack(model: nn.Module, stack: dict | None) -> OrderedDict:
-    """The fx frontend's form: ``{path: (path, module class)}``, the root left out."""
-    out = OrderedDict()
-    for value in (stack or {}).values():
-        path = _clean_path(value[0])
-        if path:
-            try:
-                kind = type(model.get_submodule(path))
-            except AttributeError:
-                kind = value[1]
-            out[path] = (path, kind)
-    return out
-
-
-def _owner_stack(model: nn.Module, target: str) -> OrderedDict:
-    """The module stack of a parameter or buffer: its owning module and the ones above it."""
-    parts = target.split(".")[:-1]
-    paths = [".".join(parts[: i + 1]) for i in range(len(parts))]
-    return _module_stack(model, {p: (p, None) for p in paths})
-
-
 def _state(model: nn.Module, ep: ExportedProgram, target: str) -> Any:
     """The model's own tensor for ``target`` (shared), else the one export lifted."""
     try:
@@ -196,7 +166,7 @@ def _rebuild(model: nn.Module, ep: ExportedProgram) -> fx.GraphModule:
             else:
                 root[spec.target] = _state(model, ep, spec.target)
                 new = graph.get_attr(spec.target)
-                new.meta = {**node.meta, "nn_module_stack": _owner_stack(model, spec.target)}
+                new.meta = {**node.meta, "nn_module_stack": owner_stack(model, spec.target)}
             env[node] = new
         elif node.op == "output":
             _output(graph, [env[n] if isinstance(n, fx.Node) else n for n in node.args[0]],
@@ -206,8 +176,8 @@ def _rebuild(model: nn.Module, ep: ExportedProgram) -> fx.GraphModule:
         else:
             if node.op == "get_attr":  # a submodule of a higher-order op
                 root[node.target] = operator.attrgetter(node.target)(ep.graph_module)
-            inlined = _inline(graph, node, env, model, ep.graph_module, root)
-            env[node] = inlined if inlined is not None else _copy(graph, node, env, model)
+            inlined = inline(graph, node, env, model, ep.graph_module, root)
+            env[node] = inlined if inlined is not None else copy_node(graph, node, env, model)
     return fx.GraphModule(root, graph, class_name=type(model).__name__)
 
 
@@ -239,88 +209,6 @@ def _output(graph: fx.Graph, flat: list, out_spec: pytree.TreeSpec, model: nn.Mo
     names = [n.name for n in graph.nodes if n.op == "placeholder"]
     in_spec = pytree.tree_flatten(list(names))[1]
     graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, in_spec, out_spec))
-
-
-def _copy(graph: fx.Graph, node: fx.Node, env: dict, model: nn.Module) -> fx.Node:
-    new = graph.node_copy(node, lambda n: env[n])
-    if "nn_module_stack" in node.meta:
-        new.meta["nn_module_stack"] = _module_stack(model, node.meta["nn_module_stack"])
-    return new
-
-
-def _block(node: fx.Node, owner: nn.Module) -> tuple[fx.GraphModule, tuple, bool] | None:
-    """(subgraph, its inputs, detach outputs?) for a higher-order block that can be inlined.
-
-    ``with torch.no_grad():`` (``wrap_with_set_grad_enabled(False, ...)``) is inlined with its
-    outputs detached: the same values, constants for the backward. A *disabled* autocast
-    region (``wrap_with_autocast(device, dtype, False, ...)``, as rotary embeddings write to
-    keep their tables in full precision) runs its ops as written, so it is inlined as it is.
-    Any other higher-order op stays a call (the certificate names it).
-    """
-    if node.op != "call_function":
-        return None
-    if node.target is _SET_GRAD and node.args[0] is False:
-        sub, inputs, detach = node.args[1], node.args[2:], True
-    elif node.target is _AUTOCAST and node.args[2] is False:
-        sub, inputs, detach = node.args[4], node.args[5:], False
-    else:
-        return None
-    if not (isinstance(sub, fx.Node) and sub.op == "get_attr"):
-        return None
-    return operator.attrgetter(sub.target)(owner), inputs, detach
-
-
-def _inline(graph: fx.Graph, node: fx.Node, env: dict, model: nn.Module, owner: nn.Module,
-            root: dict) -> tuple | None:
-    """The outputs of an inlinable higher-order block, its ops copied into ``graph``.
-
-    Blocks nested inside it are inlined the same way (recursively); a nested block that cannot
-    be, and tensor constants of the block, become attributes of the root, so no subgraph is
-    left behind that a later pass could find unreferenced. Export keeps such blocks as calls
-    around subgraphs that the rules and the certificate cannot see into; inlined, their ops are
-    visible (and, under no_grad, their outputs constants).
-    """
-    found = _block(node, owner)
-    if found is None:
-        return None
-    block, args, detach = found
-    inner, inputs = {}, iter(args)
-    outputs: Any = ()
-    for n in block.graph.nodes:
-        if n.op == "placeholder":
-            value = next(inputs)
-            inner[n] = env[value] if isinstance(value, fx.Node) else value
-        elif n.op == "output":
-            outputs = n.args[0]
-        elif n.target is operator.getitem and isinstance(inner.get(n.args[0]), tuple):
-            inner[n] = inner[n.args[0]][n.args[1]]
-        elif n.op == "get_attr":
-            name = _fresh(root, f"{node.name}_{n.target}".replace(".", "_"))
-            root[name] = operator.attrgetter(n.target)(block)
-            inner[n] = graph.get_attr(name)
-            inner[n].meta = dict(n.meta)
-        else:
-            nested = _inline(graph, n, inner, model, block, root)
-            inner[n] = nested if nested is not None else _copy(graph, n, inner, model)
-    if not detach:
-        return tuple(inner[v] if isinstance(v, fx.Node) else v for v in outputs)
-    detached = []
-    for value in outputs:
-        if isinstance(value, fx.Node):
-            new = graph.call_function(torch.detach, (inner[value],))
-            new.meta = dict(inner[value].meta)
-            detached.append(new)
-        else:
-            detached.append(value)
-    return tuple(detached)
-
-
-def _fresh(root: dict, name: str) -> str:
-    out, i = name, 0
-    while out in root:
-        i += 1
-        out = f"{name}_{i}"
-    return out
 
 
 def _check_keywords(model: nn.Module, kwargs: dict) -> None:
