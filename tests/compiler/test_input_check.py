@@ -79,3 +79,9 @@ def test_a_compiled_module_refuses_meta_and_empty_inputs_and_warns_on_nan():
     with torch.inference_mode():  # a forward alone is fine there
         x = torch.randn(3, 4)
         assert torch.equal(gm(x), model(x))
+
+
+def test_an_input_on_another_device_than_the_model_is_one_line():
+    model = _model().to("meta")  # a device other than the input's, without a GPU
+    with pytest.raises(InputError, match="the input is on cpu but the model is on meta"):
+        completeness_error(model, torch.randn(2, 4), 0)
