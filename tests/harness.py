@@ -2,6 +2,8 @@
 compute is the tests' own reference (the completeness check here is not
 ``libragrad_fx.completeness_error``).
 
+- ``Sandwich``: Linear -> the block under test -> Linear, and the same with the block's
+  hand-written ``reference`` form;
 - ``perturb``: seeded small noise on every parameter of a real (timm, open_clip) model;
 - ``jitter``: larger noise from torch's global RNG on a toy module's parameters;
 - ``readout`` and ``gradients``: a fixed random linear readout making f a scalar, and
@@ -77,3 +79,19 @@ def completeness_gap(f: Tensor, x: Tensor, leaves: Sequence[Tensor],
     """|f - sum x df/dx - sum_b b df/db| / |f|, the terms as in ``completeness_terms``."""
     f, inputs, bias = completeness_terms(f, x, leaves, values)
     return ((f - (inputs + bias)).abs() / f.abs()).item()
+
+
+class Sandwich(nn.Module):
+    """Linear -> block under test -> Linear; ``reference`` uses the block's hand-written form."""
+
+    def __init__(self, block: nn.Module, d_in: int, d: int, d_out: int):
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.block = block
+        self.out = nn.Linear(d, d_out)
+
+    def forward(self, x):
+        return self.out(self.block(self.inp(x)))
+
+    def reference(self, x):
+        return self.out(self.block.reference(self.inp(x)))

@@ -67,10 +67,9 @@ class Explainer:
     def _cached(self, libra: bool, x: Tensor, input_name: str | None = None
                 ) -> CompiledModel | None:
         form = (libra, self.blocks, self.frontend)
-        for signature in (None, _signature(x, input_name)):
-            if signature is None and input_name is not None:
-                continue  # a keyword input is always exported
-            if (*form, signature) in self._forms:
+        exported = (_signature(x, input_name),)
+        for signature in exported if input_name is not None else (None, *exported):
+            if (*form, signature) in self._forms:  # (a keyword input is always exported)
                 return self._forms[(*form, signature)]
         return None
 

@@ -32,6 +32,14 @@ def _parameter(model: nn.Module | None) -> Tensor | None:
                 None)
 
 
+def _has_values(x: Tensor, who: str) -> None:
+    """A batch of at least one sample, on a device that holds values (not meta)."""
+    if x.dim() and x.shape[0] == 0:
+        raise InputError(f"{who} got an empty batch, {describe(x)}; pass at least one sample")
+    if x.is_meta:
+        raise InputError(f"{who} got a meta tensor, which holds no values: {describe(x)}")
+
+
 def check_input(x: object, who: str, *, model: nn.Module | None = None,
                 rank: int | None = None, gradients: bool = True) -> Tensor:
     """``x`` unchanged if ``model`` can run on it (and, with ``gradients``, gradients can be
@@ -46,10 +54,7 @@ def check_input(x: object, who: str, *, model: nn.Module | None = None,
     if x.dim() == 0 or (rank is not None and x.dim() != rank):
         want = f"{rank} dimensions" if rank is not None else "a batch dimension"
         raise InputError(f"{who} takes an input with {want}; got {describe(x)}")
-    if x.shape[0] == 0:
-        raise InputError(f"{who} got an empty batch, {describe(x)}; pass at least one sample")
-    if x.is_meta:
-        raise InputError(f"{who} got a meta tensor, which holds no values: {describe(x)}")
+    _has_values(x, who)
     if not x.is_floating_point():
         raise InputError(
             f"{who} takes a floating-point input to take gradients at; got {describe(x)}. For "
@@ -79,11 +84,7 @@ def check_call(values: list[object], who: str) -> None:
     for x in values:
         if not isinstance(x, Tensor):
             continue
-        if x.is_meta:
-            raise InputError(f"{who} got a meta tensor, which holds no values: {describe(x)}")
-        if x.dim() and x.shape[0] == 0:
-            raise InputError(f"{who} got an empty batch, {describe(x)}; pass at least one "
-                             "sample")
+        _has_values(x, who)
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             warnings.warn(f"{who}: the input {describe(x)} has NaN or infinite values; the "
                           "outputs and gradients will not be finite", LibraWarning, stacklevel=3)

@@ -26,7 +26,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
 from libragrad_fx import completeness_error, libra_transform
-from tests.harness import completeness_gap, gradients, jitter, perturb, readout
+from tests.harness import Sandwich, completeness_gap, gradients, jitter, perturb, readout
 
 D_IN, D, D_OUT, HEADS, BATCH = 6, 8, 3, 2, 2
 HEAD_DIM = D // HEADS
@@ -37,23 +37,6 @@ pytestmark = pytest.mark.usefixtures("seeded")  # torch.manual_seed(0) before ea
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-class Sandwich(nn.Module):
-    """Linear -> block under test -> Linear; ``reference`` uses the block's hand-written form."""
-
-    def __init__(self, block: nn.Module, tokens: int = TOKENS):
-        super().__init__()
-        self.tokens = tokens
-        self.inp = nn.Linear(D_IN, D)
-        self.block = block
-        self.out = nn.Linear(D, D_OUT)
-
-    def forward(self, x):
-        return self.out(self.block(self.inp(x)))
-
-    def reference(self, x):
-        return self.out(self.block.reference(self.inp(x)))
 
 
 def gap(fn, x: torch.Tensor, bias_params: list[torch.Tensor]) -> float:
@@ -68,7 +51,7 @@ def biases(model: nn.Module, inside_probabilities: bool) -> list[torch.Tensor]:
 
 def assert_form(block: nn.Module, rule: str, rewrites: int, tokens: int = TOKENS):
     """(a), (b), (c) and the report for one form; returns the rewritten graph."""
-    model = jitter(Sandwich(block, tokens).double()).eval()
+    model = jitter(Sandwich(block, D_IN, D, D_OUT).double()).eval()
     gm = libra_transform(model, strict=True)
     report = gm.libra_report
     assert report.complete and report.violations == []

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from libragrad_fx import LibraWarning, libra, libra_transform
-from tests.harness import completeness_gap, gradients, jitter, readout
+from tests.harness import Sandwich, completeness_gap, gradients, jitter, readout
 
 D_IN, D, D_OUT, HEADS, TOKENS, BATCH = 6, 8, 3, 2, 5, 2
 HEAD_DIM = D // HEADS
@@ -60,7 +60,7 @@ def completeness_error(fn, x: torch.Tensor, bias_params: list[torch.Tensor]) -> 
 
 
 def build(block: nn.Module) -> Sandwich:
-    return jitter(Sandwich(block).double()).eval()
+    return jitter(Sandwich(block, D_IN, D, D_OUT).double()).eval()
 
 
 def random_input(batch: int = BATCH) -> torch.Tensor:
@@ -93,22 +93,6 @@ def assert_rule_form(model: Sandwich, expected: dict[str, int]):
     assert completeness_error(gm, sample, bias_params) < 1e-6
     assert completeness_error(model, sample, bias_params) > 1e-3
     return gm
-
-
-class Sandwich(nn.Module):
-    """Linear -> block under test -> Linear; ``reference`` uses the block's hand-written form."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.inp = nn.Linear(D_IN, D)
-        self.block = block
-        self.out = nn.Linear(D, D_OUT)
-
-    def forward(self, x):
-        return self.out(self.block(self.inp(x)))
-
-    def reference(self, x):
-        return self.out(self.block.reference(self.inp(x)))
 
 
 def shared(p: torch.Tensor, n: int) -> torch.Tensor:
