@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install -c constraints.txt -e '.[test,bench,hf]'
+	$(BIN)/pip install -c constraints.txt --no-deps legrad-torch
 	touch $(STAMP)
 
 setup: $(STAMP)
