@@ -255,7 +255,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown output (default docs/results.md; none with --quick)")
     parser.add_argument("--json", type=Path, default=None)
+    real = parser.add_argument_group(
+        "a labelled image folder (benchmarks.real_data): --data DIR --model NAME --protocol P")
+    real.add_argument("--data", type=Path, default=None,
+                      help="class subfolders DIR/<class>/<image>, or images listed by --list")
+    real.add_argument("--list", type=Path, default=None, help="lines 'relative/path label'")
+    real.add_argument("--classes", type=Path, default=None,
+                      help="class names (folder names) one per line in the model's class order; "
+                           "default: the sorted folder names")
+    real.add_argument("--masks", type=Path, default=None,
+                      help="ImageNet-S masks: MASKS/<relative path>.png, 0 = background")
+    real.add_argument("--split", default="all", choices=("all", "single", "multi"),
+                      help="with --masks: single-object images, multi-object ones, or all")
+    real.add_argument("--model", nargs="+", default=None,
+                      help="as the CLI takes it: digits:vit, a timm name, open_clip:NAME, "
+                           "module:attr; several make one column each")
+    real.add_argument("--pretrained", nargs="?", const=True, default=None,
+                      help="the library's pretrained weights (a tag picks one)")
+    real.add_argument("--checkpoint", type=Path, default=None, help="a state_dict file")
+    real.add_argument("--protocol", default="libragrad", choices=("libragrad", "reslrp"))
+    real.add_argument("--seed", type=int, default=None, help="default: the protocol's (0)")
+    real.add_argument("--ablation", action="store_true",
+                      help="FullGrad+ with each rule off in turn (Table 5)")
+    real.add_argument("--batch", type=int, default=8, help="images per explanation call")
+    real.add_argument("--prompt", default="a photo of a {}",
+                      help="a CLIP model's prompt for each class name")
+    real.add_argument("--out-dir", type=Path, default=ROOT / "build" / "faithfulness")
+    real.add_argument("--resume", action="store_true",
+                      help="keep the rows already in --out-dir and measure only the rest")
     args = parser.parse_args(argv)
+    if args.data is not None:
+        from benchmarks import real_data
+
+        if not args.model:
+            parser.error("--data needs --model")
+        real_data.main(args)
+        return
     shards.init_from_env()
     rank, size = shards.world()
     names = args.models or (["vit", "mixer"] if args.quick else list(models.NAMES))

@@ -60,3 +60,9 @@ def gather(rows: list[Any], count: int) -> list[Any] | None:
         for index, row in zip(range(source, count, size), part, strict=True):
             ordered[index] = row
     return ordered
+
+
+def barrier() -> None:
+    """Wait for every process (nothing to wait for in a world of one)."""
+    if dist.is_initialized():
+        dist.barrier()

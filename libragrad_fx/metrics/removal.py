@@ -97,7 +97,7 @@ def token_removal(model: nn.Module | Explainer, x: Tensor, attribution: Tensor |
                   fractions: Sequence[float] = FRACTIONS, fill: float | Tensor = 0.0,
                   grid: tuple[int, int] | None = None, internal_batch_size: int = 64,
                   seed: int = 0, progress: bool = False,
-                  blocks: str | None = None) -> RemovalCurves:
+                  blocks: str | None = None, score: str = "probability") -> RemovalCurves:
     """MIF and LIF curves of ``attribution`` on ``model`` at ``x`` (B, C, H, W).
 
     ``attribution``: the patch map, (B, gh, gw) or (B, gh·gw) in raster order, or an
@@ -109,7 +109,8 @@ def token_removal(model: nn.Module | Explainer, x: Tensor, attribution: Tensor |
     what ``explain`` accepts for CLIP. ``mode``: ``"auto"`` (drop if the model runs on the
     shorter sequence with an output of the same shape, else zero), ``"drop"``, ``"zero"`` or
     ``"pixel"`` (``fill``: a number or a tensor broadcastable to x; ``grid`` is needed only
-    for a flat, non-square map).
+    for a flat, non-square map). ``score="logit"`` makes the ``*_probability`` curves read a
+    class target's logit instead of its softmax probability (ResLRP's protocol).
     """
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -128,7 +129,7 @@ def token_removal(model: nn.Module | Explainer, x: Tensor, attribution: Tensor |
         raise InputError("fractions must increase strictly, within [0, 1)")
     removed = torch.round(fraction * patches).long()
     explainer = Explainer.cached(model, blocks)
-    objective = resolve(target, explainer.model, score="probability")
+    objective = resolve(target, explainer.model, score=score)
     if objective.count is not None and objective.count != batch:
         raise InputError(f"{objective.count} targets for a batch of {batch} images; pass one "
                          "target, or one per image")
