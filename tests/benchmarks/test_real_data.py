@@ -4,6 +4,9 @@ splits, a list file, a checkpoint, resuming, and the errors a wrong layout gets.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ from libragrad_fx.digits import models
 from tests.benchmarks.digits_folder import write_folder
 
 pytestmark = pytest.mark.bench  # see [tool.pytest.ini_options] markers
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +149,25 @@ def models_prep():
     from libragrad_fx.loading.models import load
 
     return load("digits:vit").preprocessing
+
+
+def test_two_processes_give_the_rows_of_one(dataset, tmp_path):
+    images, _, classes = dataset
+    common = ["--data", str(images), "--classes", str(classes), "--model", "digits:vit",
+              "--images", "6", "--methods", "input_x_gradient"]
+    _run(*common, "--out-dir", str(tmp_path / "one"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", "29534", "-m", "benchmarks.faithfulness", *common,
+               "--out-dir", str(tmp_path / "two")]
+    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    assert len(list((tmp_path / "two" / "digits_vit").glob("rows-*.jsonl"))) == 2
+
+    def by_key(out: Path) -> dict:
+        return {(r["image"], r["form"]): r for r in _rows(out / "digits_vit")}
+
+    one, two = by_key(tmp_path / "one"), by_key(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) == 12
+    for key, row in one.items():
+        assert row["srg"] == pytest.approx(two[key]["srg"], abs=1e-6)
+        assert row["completeness"] == pytest.approx(two[key]["completeness"], rel=1e-4)
