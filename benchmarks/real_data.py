@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from benchmarks import folder, shards, tables
-from benchmarks.faithfulness import ATTENTION, GRADIENT, _options
+from benchmarks.faithfulness import ATTENTION, GRADIENT, _nanmean, _options
 from benchmarks.protocols import Protocol
 from libragrad_fx import Explainer, LibraWarning, explain, libra_transform
 from libragrad_fx.compiler.rules import libra
@@ -193,11 +193,6 @@ def summarise(out: Path) -> dict:
         slot[form] = {k: _nanmean([r[k] for r in rows]) for k in metrics}
         slot[form]["images"] = len(rows)
     return result
-
-
-def _nanmean(values: list[float]) -> float:
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else float("nan")
 
 
 def main(args) -> None:
