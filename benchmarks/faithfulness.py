@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from benchmarks import shards
+from benchmarks import shards, tables
 from libragrad_fx import METHODS, Explainer, explain
 from libragrad_fx.digits import data, models
 from libragrad_fx.metrics import (
@@ -230,11 +230,23 @@ def markdown(result: dict, meta: dict) -> str:
     ]
     lines += [f"| {n} | {c} | {'yes' if ok else '**no**'} | {ev} |"
               for n, c, ok, ev in claims(result)]
+    lines += ["", "## The paper's tables", "",
+              "As LibraGrad's Tables 6, 4 and 5, on these models; cells read vanilla → Libra.",
+              "", "### Table 6 style: SRG (probability), method × model", "",
+              *tables.method_table(result, "srg"),
+              "", "### Table 4 style: completeness error", "",
+              *tables.method_table(result, "completeness", list(tables.COMPLETE))]
+    ablation = tables.ablation_table(result, ("srg", "ap", "completeness"))
+    if ablation:
+        lines += ["", "### Table 5 style: ablation, FullGrad+ with one rule off at a time", "",
+                  "A rule the model has no site for changes nothing (the Mixer and ViT have no "
+                  "self-gating).", "", *ablation]
     for name, table in result.items():
         lines += ["", f"## {name}", "",
                   "| method | " + " | ".join(METRICS).replace("_", " ") + " |",
                   "|---|" + "---|" * len(METRICS)]
         for method, forms in table.items():
+            forms = {f: c for f, c in forms.items() if f in ("vanilla", "libra")}
             cells = []
             for metric in METRICS:
                 pair = [None if forms.get(f) is None else forms[f][metric]
@@ -300,6 +312,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     result = run(names, methods, count, args.quick)
+    if not args.quick and "fullgrad+" in methods:  # Table 5: one rule off at a time
+        from benchmarks.ablation import ablate
+
+        loaded = {name: _model(name).to(shards.device()) for name in names}
+        for name, forms in ablate(loaded, count, args.quick).items():
+            result[name]["fullgrad+"].update(forms)
     if rank != 0:
         return
     meta = {"command": "python -m benchmarks.faithfulness" + (" --quick" if args.quick else ""),
