@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from benchmarks import shards, tables
+from benchmarks.peers import PEERS, measure_peer
 from libragrad_fx import METHODS, Explainer, explain
 from libragrad_fx.digits import data, models
 from libragrad_fx.metrics import (
@@ -115,8 +116,10 @@ def _take(batch: data.DigitImages, index: list[int], device: torch.device) -> da
                                masks=batch.masks[index].to(device), sources=batch.sources[index])
 
 
-def run(names: list[str], methods: list[str], count: int, quick: bool) -> dict:
-    """{model: {method: {"vanilla"|"libra": {metric: mean}}}}, gathered on rank 0."""
+def run(names: list[str], methods: list[str], count: int, quick: bool,
+        peers: tuple[str, ...] = ()) -> dict:
+    """{model: {method: {"vanilla"|"libra": {metric: mean}}, "peers": {peer: {metric: mean}
+    or {"reason": why}}}}, gathered on rank 0."""
     rank, _ = shards.world()
     index, device = shards.shard(count), shards.device()
     single, two = _images(count)
@@ -130,6 +133,14 @@ def run(names: list[str], methods: list[str], count: int, quick: bool) -> dict:
         model = loaded[name]
         rows[(name, method, libra)] = measure(model, method, libra, single, two, quick)
     result: dict = {}
+    for name in names:  # after ours: LeGrad works on a copy, lxt's patches are undone
+        for peer in tqdm(peers, desc=f"peers of {name} (rank {rank})", disable=rank != 0):
+            part = measure_peer(loaded[name], peer, single, two)
+            gathered = part if isinstance(part, str) else shards.gather(part, count)
+            if rank == 0:
+                cell = ({"reason": gathered} if isinstance(gathered, str) else
+                        {k: _nanmean([row[k] for row in gathered]) for k in gathered[0]})
+                result.setdefault(name, {}).setdefault("peers", {})[peer] = cell
     for key, part in rows.items():
         gathered = shards.gather(part or [], count) if part is not None else None
         if rank != 0:
@@ -159,8 +170,9 @@ def _standard_error(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in kept) / (len(kept) - 1) / len(kept))
 
 
-def claims(result: dict) -> list[tuple[str, str, bool, str]]:
-    """(model, claim, holds, evidence) for the three claims the issue makes."""
+def claims(result: dict) -> list[tuple[str, str, bool | None, str]]:
+    """(model, claim, holds, evidence) for the claims the issues make; holds is None where a
+    peer could not run the model."""
     out = []
     for name, table in result.items():
         def srg(method: str, form: str, table: dict = table) -> float:
@@ -177,6 +189,17 @@ def claims(result: dict) -> list[tuple[str, str, bool, str]]:
                     libra_gap < 1e-4 <= vanilla_gap,
                     f"Libra FullGrad+ {libra_gap:.1e}, vanilla FullGrad {vanilla_gap:.2g}"))
         ours = table["fullgrad+"]["libra"]
+        for peer in ("LXT CP-LRP", "LXT AttnLRP"):
+            cell = table.get("peers", {}).get(peer)
+            if cell is None:
+                continue
+            claim = f"Libra FullGrad+ SRG >= {peer}'s"
+            if "reason" in cell:
+                out.append((name, claim, None, f"not measurable: {cell['reason']}"))
+                continue
+            out.append((name, claim, ours["srg"] >= cell["srg"],
+                        f"FullGrad+ {ours['srg']:.3f} ± {ours.get('srg_se', math.nan):.3f}; "
+                        f"{peer} {cell['srg']:.3f}"))
         for form in ("vanilla", "libra"):  # as published, then with LibraGrad's backward too
             claim = f"Libra FullGrad+ SRG >= every attention method's ({form} form)"
             best = max(((table[m][form]["srg"], m) for m in ATTENTION
@@ -228,7 +251,7 @@ def markdown(result: dict, meta: dict) -> str:
         "| model | claim | holds | measured |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {n} | {c} | {'yes' if ok else '**no**'} | {ev} |"
+    lines += [f"| {n} | {c} | {'n/a' if ok is None else 'yes' if ok else '**no**'} | {ev} |"
               for n, c, ok, ev in claims(result)]
     lines += ["", "## The paper's tables", "",
               "As LibraGrad's Tables 6, 4 and 5, on these models; cells read vanilla → Libra.",
@@ -246,6 +269,8 @@ def markdown(result: dict, meta: dict) -> str:
                   "| method | " + " | ".join(METRICS).replace("_", " ") + " |",
                   "|---|" + "---|" * len(METRICS)]
         for method, forms in table.items():
+            if method == "peers":
+                continue
             forms = {f: c for f, c in forms.items() if f in ("vanilla", "libra")}
             cells = []
             for metric in METRICS:
@@ -253,7 +278,15 @@ def markdown(result: dict, meta: dict) -> str:
                         for f in ("vanilla", "libra")]
                 cells.append(f"{_cell(pair[0], metric)} / {_cell(pair[1], metric)}")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        for peer, cell in table.get("peers", {}).items():
+            shown = ([f"n/a: {cell['reason']}"] + [""] * (len(METRICS) - 1) if "reason" in cell
+                     else [_cell(cell[m], m) for m in METRICS])
+            lines.append(f"| {peer} (peer, {_seconds(cell)}) | " + " | ".join(shown) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _seconds(cell: dict) -> str:
+    return "could not run" if "reason" in cell else f"{cell['seconds'] * 1000:.0f} ms/image"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -267,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown output (default docs/results.md; none with --quick)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--peers", nargs="*", default=None, choices=PEERS,
+                        help="other projects' maps as rows (default: all; --peers alone: none)")
     real = parser.add_argument_group(
         "a labelled image folder (benchmarks.real_data): --data DIR --model NAME --protocol P")
     real.add_argument("--data", type=Path, default=None,
@@ -311,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     count = args.images or (8 if args.quick else 200)
     torch.manual_seed(0)
     start = time.perf_counter()
-    result = run(names, methods, count, args.quick)
+    peers = tuple(PEERS if args.peers is None else args.peers)
+    result = run(names, methods, count, args.quick, peers)
     if not args.quick and "fullgrad+" in methods:  # Table 5: one rule off at a time
         from benchmarks.ablation import ablate
 
