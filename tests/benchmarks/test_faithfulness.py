@@ -37,6 +37,10 @@ def test_quick_report(single):
         assert table["fullgrad"]["vanilla"]["completeness"] > 1e-4
         assert 0 <= table["fullgrad+"]["libra"]["ap"] <= 1
     assert results["mixer"]["rollout"]["libra"] is None  # no attention in a Mixer
+    vit_peers = results["vit"]["peers"]
+    assert math.isfinite(vit_peers["LXT CP-LRP"]["srg"]) and vit_peers["Captum IG"]["seconds"] > 0
+    assert "open_clip" in vit_peers["LeGrad"]["reason"]
+    assert "LXT CP-LRP (peer" in text
     assert results["vit"]["rollout"]["libra"] == results["vit"]["rollout"]["vanilla"]
 
 
@@ -44,13 +48,16 @@ def test_two_processes_give_the_numbers_of_one(single, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", "29533", "-m", "benchmarks.faithfulness", "--quick",
-               "--json", str(tmp_path / "two.json"), "--out", str(tmp_path / "two.md")]
+               "--json", str(tmp_path / "two.json"), "--out", str(tmp_path / "two.md"),
+               "--peers"]  # no peers: their maps round differently in a smaller batch
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     one = json.loads((single / "results.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["meta"]["processes"] == 2 and one["meta"]["processes"] == 1
     for name, table in one["results"].items():
         for method, forms in table.items():
+            if method == "peers":
+                continue
             for form, cell in forms.items():
                 other = two["results"][name][method][form]
                 if cell is None:
