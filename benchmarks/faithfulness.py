@@ -24,8 +24,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from benchmarks import shards, tables
+from benchmarks import shards
+from benchmarks.method_sets import ATTENTION, COMPLETE, GRADIENT, METRICS  # noqa: F401
 from benchmarks.peers import PEERS, measure_peer
+from benchmarks.results_page import markdown
 from libragrad_fx import METHODS, Explainer, explain
 from libragrad_fx.digits import data, models
 from libragrad_fx.metrics import (
@@ -36,13 +38,7 @@ from libragrad_fx.metrics import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-ATTENTION = ("attention", "rollout", "genatt", "gradsam", "attcat", "tokentm")
-# methods whose map is read off a gradient (the Libra switch changes them)
-GRADIENT = tuple(m for m in METHODS if m not in ("attention", "rollout"))
-COMPLETE = ("fullgrad", "fullgrad+", "integrated_gradients")
-METRICS = ("srg", "mif", "lif", "srg_accuracy", "completeness", "ap", "discrimination")
-
-
+TEXT_JSON = ROOT / "docs" / "text-results.json"  # the text benchmark's means, for --render
 class ZeroShot(nn.Module):
     """A CLIP as a ten-class classifier: 100·cos(image, caption) for each caption."""
 
@@ -170,125 +166,6 @@ def _standard_error(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in kept) / (len(kept) - 1) / len(kept))
 
 
-def claims(result: dict) -> list[tuple[str, str, bool | None, str]]:
-    """(model, claim, holds, evidence) for the claims the issues make; holds is None where a
-    peer could not run the model."""
-    out = []
-    for name, table in result.items():
-        def srg(method: str, form: str, table: dict = table) -> float:
-            cell = table.get(method, {}).get(form)
-            return float("nan") if cell is None else cell["srg"]
-
-        worse = [m for m in GRADIENT if table.get(m, {}).get("libra") is not None
-                 and not srg(m, "libra") > srg(m, "vanilla")]
-        out.append((name, "Libra improves SRG for every gradient method", not worse,
-                    "all improve" if not worse else "not for " + ", ".join(worse)))
-        libra_gap = table["fullgrad+"]["libra"]["completeness"]
-        vanilla_gap = table["fullgrad"]["vanilla"]["completeness"]
-        out.append((name, "Libra FullGrad+ completeness < 1e-4, vanilla FullGrad's is not",
-                    libra_gap < 1e-4 <= vanilla_gap,
-                    f"Libra FullGrad+ {libra_gap:.1e}, vanilla FullGrad {vanilla_gap:.2g}"))
-        ours = table["fullgrad+"]["libra"]
-        for peer in ("LXT CP-LRP", "LXT AttnLRP"):
-            cell = table.get("peers", {}).get(peer)
-            if cell is None:
-                continue
-            claim = f"Libra FullGrad+ SRG >= {peer}'s"
-            if "reason" in cell:
-                out.append((name, claim, None, f"not measurable: {cell['reason']}"))
-                continue
-            out.append((name, claim, ours["srg"] >= cell["srg"],
-                        f"FullGrad+ {ours['srg']:.3f} ± {ours.get('srg_se', math.nan):.3f}; "
-                        f"{peer} {cell['srg']:.3f}"))
-        for form in ("vanilla", "libra"):  # as published, then with LibraGrad's backward too
-            claim = f"Libra FullGrad+ SRG >= every attention method's ({form} form)"
-            best = max(((table[m][form]["srg"], m) for m in ATTENTION
-                        if table.get(m, {}).get(form) is not None), default=None)
-            if best is None:
-                out.append((name, claim, True, "no attention methods (no attention in the model)"))
-                continue
-            rival = table[best[1]][form]
-            out.append((name, claim, ours["srg"] >= best[0],
-                        f"FullGrad+ {ours['srg']:.3f} ± {ours.get('srg_se', math.nan):.3f}; "
-                        f"best: {best[1]} {best[0]:.3f} ± {rival.get('srg_se', math.nan):.3f} "
-                        "(± one standard error)"))
-    return out
-
-
-def _cell(value: float | None, metric: str) -> str:
-    if value is None or math.isnan(value):
-        return "–"
-    return f"{value:.1e}" if metric == "completeness" else f"{value:.3f}"
-
-
-def markdown(result: dict, meta: dict) -> str:
-    lines = [
-        "# Faithfulness results",
-        "",
-        f"`{meta['command']}` on {meta['images']} single-digit and {meta['images']} two-digit "
-        f"test canvases ({meta['seconds']:.0f} s, {meta['processes']} process(es)). Models: the "
-        "shipped digits models (`libragrad_fx.digits`, trained by `benchmarks/train_digits.py`); "
-        "CLIP is explained as a zero-shot classifier over the ten captions. Every cell is a mean "
-        "over images, as vanilla / LibraGrad.",
-        "",
-        "- **SRG** = LIF − MIF of the target's softmax probability under token removal "
-        "(fractions 0 … 0.9, trapezoid rule; higher is better); **MIF** lower is better, "
-        "**LIF** higher; **SRG acc** the same on accuracy.",
-        "- **completeness**: |Σ map + remainder − f(x)| / |f(x)| (for IG against "
-        "f(x) − f(baseline)); it is meaningful for FullGrad, FullGrad+ and IG.",
-        "- **AP**: average precision of the upsampled map against the digit's mask. "
-        "**discrimination**: on two-digit canvases, the share of positive attribution on the "
-        "queried digit (0.5 = no preference).",
-        "- Attention methods read the class token's row of the attention; a model that pools "
-        "without a class token (the EVA) averages the rows of all query tokens instead "
-        "(`query=\"mean\"`). The Mixer has no attention, hence –.",
-        "",
-        "## Claims",
-        "",
-        "Each claim is checked on the means below, as measured. Where one does not hold, "
-        "[results-notes.md](results-notes.md) says why we think so.",
-        "",
-        "| model | claim | holds | measured |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {n} | {c} | {'n/a' if ok is None else 'yes' if ok else '**no**'} | {ev} |"
-              for n, c, ok, ev in claims(result)]
-    lines += ["", "## The paper's tables", "",
-              "As LibraGrad's Tables 6, 4 and 5, on these models; cells read vanilla → Libra.",
-              "", "### Table 6 style: SRG (probability), method × model", "",
-              *tables.method_table(result, "srg"),
-              "", "### Table 4 style: completeness error", "",
-              *tables.method_table(result, "completeness", list(tables.COMPLETE))]
-    ablation = tables.ablation_table(result, ("srg", "ap", "completeness"))
-    if ablation:
-        lines += ["", "### Table 5 style: ablation, FullGrad+ with one rule off at a time", "",
-                  "A rule the model has no site for changes nothing (the Mixer and ViT have no "
-                  "self-gating).", "", *ablation]
-    for name, table in result.items():
-        lines += ["", f"## {name}", "",
-                  "| method | " + " | ".join(METRICS).replace("_", " ") + " |",
-                  "|---|" + "---|" * len(METRICS)]
-        for method, forms in table.items():
-            if method == "peers":
-                continue
-            forms = {f: c for f, c in forms.items() if f in ("vanilla", "libra")}
-            cells = []
-            for metric in METRICS:
-                pair = [None if forms.get(f) is None else forms[f][metric]
-                        for f in ("vanilla", "libra")]
-                cells.append(f"{_cell(pair[0], metric)} / {_cell(pair[1], metric)}")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        for peer, cell in table.get("peers", {}).items():
-            shown = ([f"n/a: {cell['reason']}"] + [""] * (len(METRICS) - 1) if "reason" in cell
-                     else [_cell(cell[m], m) for m in METRICS])
-            lines.append(f"| {peer} (peer, {_seconds(cell)}) | " + " | ".join(shown) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _seconds(cell: dict) -> str:
-    return "could not run" if "reason" in cell else f"{cell['seconds'] * 1000:.0f} ms/image"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -302,38 +179,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--peers", nargs="*", default=None, choices=PEERS,
                         help="other projects' maps as rows (default: all; --peers alone: none)")
-    real = parser.add_argument_group(
-        "a labelled image folder (benchmarks.real_data): --data DIR --model NAME --protocol P")
-    real.add_argument("--data", type=Path, default=None,
-                      help="class subfolders DIR/<class>/<image>, or images listed by --list")
-    real.add_argument("--list", type=Path, default=None, help="lines 'relative/path label'")
-    real.add_argument("--classes", type=Path, default=None,
-                      help="class names (folder names) one per line in the model's class order; "
-                           "default: the sorted folder names")
-    real.add_argument("--masks", type=Path, default=None,
-                      help="ImageNet-S masks: MASKS/<relative path>.png, 0 = background")
-    real.add_argument("--split", default="all", choices=("all", "single", "multi"),
-                      help="with --masks: single-object images, multi-object ones, or all")
-    real.add_argument("--model", nargs="+", default=None,
-                      help="as the CLI takes it: digits:vit, a timm name, open_clip:NAME, "
-                           "module:attr; several make one column each")
-    real.add_argument("--pretrained", nargs="?", const=True, default=None,
-                      help="the library's pretrained weights (a tag picks one)")
-    real.add_argument("--checkpoint", type=Path, default=None, help="a state_dict file")
-    real.add_argument("--protocol", default="libragrad", choices=("libragrad", "reslrp"))
-    real.add_argument("--seed", type=int, default=None, help="default: the protocol's (0)")
-    real.add_argument("--ablation", action="store_true",
-                      help="FullGrad+ with each rule off in turn (Table 5)")
-    real.add_argument("--batch", type=int, default=8, help="images per explanation call")
-    real.add_argument("--prompt", default="a photo of a {}",
-                      help="a CLIP model's prompt for each class name")
-    real.add_argument("--out-dir", type=Path, default=ROOT / "build" / "faithfulness")
-    real.add_argument("--resume", action="store_true",
-                      help="keep the rows already in --out-dir and measure only the rest")
-    args = parser.parse_args(argv)
-    if args.data is not None:
-        from benchmarks import real_data
+    from benchmarks import real_data
 
+    real_data.add_arguments(parser)
+    parser.add_argument("--text", type=int, default=200,
+                        help="sequences of the text benchmark in a full run (0: none)")
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite the page from --json and docs/text-results.json, no run")
+    args = parser.parse_args(argv)
+    if args.render:
+        return render(args.json or ROOT / "docs" / "results.json", args.out or ROOT / "docs" /
+                      "results.md")
+    if args.data is not None:
         if not args.model:
             parser.error("--data needs --model")
         real_data.main(args)
@@ -358,14 +215,28 @@ def main(argv: list[str] | None = None) -> None:
         return
     meta = {"command": "python -m benchmarks.faithfulness" + (" --quick" if args.quick else ""),
             "images": count, "seconds": time.perf_counter() - start, "processes": size}
-    text = markdown(result, meta)
-    print(text)
+    sequences = None
+    if not args.quick and args.text:
+        from benchmarks.text_faithfulness import run_text
+
+        sequences = run_text(args.text, quick=False)
+        TEXT_JSON.write_text(json.dumps(sequences, indent=1))
+    page = markdown(result, meta, sequences)
+    print(page)
     out = args.out or (None if args.quick else ROOT / "docs" / "results.md")
     if out is not None:
-        out.write_text(text)
+        out.write_text(page)
     json_path = args.json or (None if args.quick else ROOT / "docs" / "results.json")
     if json_path is not None:
         json_path.write_text(json.dumps({"meta": meta, "results": result}, indent=1))
+
+
+def render(json_path: Path, out: Path) -> None:
+    """The page again from the stored means (and the text benchmark's, if stored): to change
+    the page's layout without rerunning the measurements."""
+    stored = json.loads(Path(json_path).read_text())
+    sequences = json.loads(TEXT_JSON.read_text()) if TEXT_JSON.is_file() else None
+    Path(out).write_text(markdown(stored["results"], stored["meta"], sequences))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Tables (``benchmarks.tables``) go to ``OUT/results.md`` and ``OUT/results.json``
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -38,6 +39,7 @@ from libragrad_fx.metrics import average_precision, completeness_gap, token_remo
 
 RULES = ("attention", "gate", "norm", "self_gating", "elementwise")
 ABLATION_METHOD = "fullgrad+"
+BUILD = Path(__file__).resolve().parents[1] / "build" / "faithfulness"
 
 
 class PromptClassifier(nn.Module):
@@ -193,6 +195,38 @@ def summarise(out: Path) -> dict:
         slot[form] = {k: _nanmean([r[k] for r in rows]) for k in metrics}
         slot[form]["images"] = len(rows)
     return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--data`` options of ``python -m benchmarks.faithfulness``."""
+    real = parser.add_argument_group(
+        "a labelled image folder (benchmarks.real_data): --data DIR --model NAME --protocol P")
+    real.add_argument("--data", type=Path, default=None,
+                      help="class subfolders DIR/<class>/<image>, or images listed by --list")
+    real.add_argument("--list", type=Path, default=None, help="lines 'relative/path label'")
+    real.add_argument("--classes", type=Path, default=None,
+                      help="class names (folder names) one per line in the model's class order; "
+                           "default: the sorted folder names")
+    real.add_argument("--masks", type=Path, default=None,
+                      help="ImageNet-S masks: MASKS/<relative path>.png, 0 = background")
+    real.add_argument("--split", default="all", choices=("all", "single", "multi"),
+                      help="with --masks: single-object images, multi-object ones, or all")
+    real.add_argument("--model", nargs="+", default=None,
+                      help="as the CLI takes it: digits:vit, a timm name, open_clip:NAME, "
+                           "module:attr; several make one column each")
+    real.add_argument("--pretrained", nargs="?", const=True, default=None,
+                      help="the library's pretrained weights (a tag picks one)")
+    real.add_argument("--checkpoint", type=Path, default=None, help="a state_dict file")
+    real.add_argument("--protocol", default="libragrad", choices=("libragrad", "reslrp"))
+    real.add_argument("--seed", type=int, default=None, help="default: the protocol's (0)")
+    real.add_argument("--ablation", action="store_true",
+                      help="FullGrad+ with each rule off in turn (Table 5)")
+    real.add_argument("--batch", type=int, default=8, help="images per explanation call")
+    real.add_argument("--prompt", default="a photo of a {}",
+                      help="a CLIP model's prompt for each class name")
+    real.add_argument("--out-dir", type=Path, default=BUILD)
+    real.add_argument("--resume", action="store_true",
+                      help="keep the rows already in --out-dir and measure only the rest")
 
 
 def main(args) -> None:

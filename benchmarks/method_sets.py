@@ -1,0 +1,12 @@
+"""The benchmark's method vocabulary: which methods read attention, which a gradient (so the
+Libra switch changes them), which are complete by construction, and the per-image metrics."""
+
+from __future__ import annotations
+
+from libragrad_fx import METHODS
+
+ATTENTION = ("attention", "rollout", "genatt", "gradsam", "attcat", "tokentm")
+# methods whose map is read off a gradient (the Libra switch changes them)
+GRADIENT = tuple(m for m in METHODS if m not in ("attention", "rollout"))
+COMPLETE = ("fullgrad", "fullgrad+", "integrated_gradients")
+METRICS = ("srg", "mif", "lif", "srg_accuracy", "completeness", "ap", "discrimination")
