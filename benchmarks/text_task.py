@@ -35,17 +35,21 @@ def make_sequences(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch
 def build_text_model(name: str) -> nn.Module:
     """The untrained model ``name`` ("encoder": BERT, "decoder": Llama) from its config."""
     import transformers as tf
+    from transformers.models.bert import modeling_bert
+    from transformers.models.llama import modeling_llama
 
+    # the classes are looked up on their modules at call time, so a model built after LXT
+    # patched a module (benchmarks.text_peer) gets the patched classes
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=128, num_labels=CLASSES, pad_token_id=PAD)
     if name == "encoder":
         config = tf.BertConfig(max_position_embeddings=LENGTH, **common)
         config._attn_implementation = "eager"
-        return tf.BertForSequenceClassification(config)
+        return modeling_bert.BertForSequenceClassification(config)
     if name == "decoder":
         config = tf.LlamaConfig(max_position_embeddings=LENGTH, num_key_value_heads=4, **common)
         config._attn_implementation = "eager"
-        return tf.LlamaForSequenceClassification(config)
+        return modeling_llama.LlamaForSequenceClassification(config)
     raise ValueError(f"unknown text model {name!r}; one of {NAMES}")
 
 
