@@ -9,8 +9,14 @@ import time
 
 import torch
 
-from benchmarks.text_task import NAMES, WEIGHTS, accuracy, build_text_model, make_sequences, \
-    weights_path
+from benchmarks.text_task import (
+    NAMES,
+    WEIGHTS,
+    accuracy,
+    build_text_model,
+    make_sequences,
+    weights_path,
+)
 
 TRAIN_SEED, TEST_SEED = 0, 1
 
@@ -36,7 +42,7 @@ def train(name: str, steps: int, batch: int = 128, lr: float = 3e-3) -> tuple[ob
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few steps, nothing written")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     steps = 3 if args.quick else args.steps
@@ -45,7 +51,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         start = time.perf_counter()
         model, acc = train(name, steps)
         results[name] = acc
-        print(f"{name}: accuracy {acc:.4f} after {steps} steps, {time.perf_counter() - start:.1f} s")
+        seconds = time.perf_counter() - start
+        print(f"{name}: accuracy {acc:.4f} after {steps} steps, {seconds:.1f} s")
         if not args.quick:
             from safetensors.torch import save_file
 
