@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -213,7 +214,9 @@ def main(argv: list[str] | None = None) -> None:
             result[name]["fullgrad+"].update(forms)
     if rank != 0:
         return
-    meta = {"command": "python -m benchmarks.faithfulness" + (" --quick" if args.quick else ""),
+    command = " ".join(["python -m benchmarks.faithfulness", *(sys.argv[1:] if argv is None
+                                                                  else argv)])
+    meta = {"command": command,
             "images": count, "seconds": time.perf_counter() - start, "processes": size}
     sequences = None
     if not args.quick and args.text:
