@@ -11,8 +11,9 @@ import dataclasses
 
 from benchmarks import folder, shards
 from benchmarks.faithfulness import _nanmean
+from benchmarks.method_sets import RULES
 from benchmarks.protocols import PROTOCOLS
-from benchmarks.real_data import ABLATION_METHOD, RULES, Runner
+from benchmarks.real_data import ABLATION_METHOD, Runner
 from libragrad_fx.digits import data
 
 METRICS = ("srg", "mif", "lif", "srg_accuracy", "completeness", "ap")

@@ -31,13 +31,13 @@ from tqdm import tqdm
 
 from benchmarks import folder, shards, tables
 from benchmarks.faithfulness import ATTENTION, GRADIENT, _nanmean, _options
+from benchmarks.method_sets import RULES
 from benchmarks.protocols import Protocol
 from libragrad_fx import Explainer, LibraWarning, explain, libra_transform
 from libragrad_fx.compiler.rules import libra
 from libragrad_fx.loading.models import LoadedModel, load
 from libragrad_fx.metrics import average_precision, completeness_gap, token_removal
 
-RULES = ("attention", "gate", "norm", "self_gating", "elementwise")
 ABLATION_METHOD = "fullgrad+"
 BUILD = Path(__file__).resolve().parents[1] / "build" / "faithfulness"
 

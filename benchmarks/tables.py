@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 
+from benchmarks.method_sets import RULES
+
 DEFAULT_METHODS = ("input_x_gradient", "integrated_gradients", "fullgrad", "fullgrad+", "gradcam",
                    "attcat", "genatt", "rollout")
 COMPLETE = ("input_x_gradient", "fullgrad", "fullgrad+", "integrated_gradients")
-RULES = ("attention", "gate", "norm", "self_gating", "elementwise")
 LABELS = {"mif": "MIF (probability, lower is better)", "lif": "LIF (probability)",
           "srg": "SRG (probability, LIF − MIF)", "mif_accuracy": "MIF (accuracy, lower is better)",
           "lif_accuracy": "LIF (accuracy)", "srg_accuracy": "SRG (accuracy)",
