@@ -41,13 +41,15 @@ from libragrad_fx.metrics import (
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_JSON = ROOT / "docs" / "text-results.json"  # the text benchmark's means, for --render
 class ZeroShot(nn.Module):
-    """A CLIP as a ten-class classifier: 100·cos(image, caption) for each caption."""
+    """A CLIP as a classifier: 100·cos(image, caption) for each caption's ``tokens`` (by
+    default the digits models' ten captions)."""
 
-    def __init__(self, clip: nn.Module):
+    def __init__(self, clip: nn.Module, tokens: Tensor | None = None):
         super().__init__()
         self.clip = clip
+        tokens = models.tokenize_captions() if tokens is None else tokens
         with torch.no_grad():
-            text = clip.encode_text(models.tokenize_captions(), normalize=True)
+            text = clip.encode_text(tokens, normalize=True)
         self.register_buffer("captions", text)
         self.training = False
 

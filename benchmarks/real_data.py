@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from benchmarks import folder, shards, tables
-from benchmarks.faithfulness import ATTENTION, GRADIENT, _nanmean, _options
+from benchmarks.faithfulness import ATTENTION, GRADIENT, ZeroShot, _nanmean, _options
 from benchmarks.method_sets import RULES
 from benchmarks.protocols import Protocol
 from libragrad_fx import Explainer, LibraWarning, explain, libra_transform
@@ -40,20 +40,6 @@ from libragrad_fx.metrics import average_precision, completeness_gap, token_remo
 
 ABLATION_METHOD = "fullgrad+"
 BUILD = Path(__file__).resolve().parents[1] / "build" / "faithfulness"
-
-
-class PromptClassifier(nn.Module):
-    """A CLIP as a classifier over the folder's classes: 100·cos(image, prompt) per class."""
-
-    def __init__(self, clip: nn.Module, tokens: Tensor):
-        super().__init__()
-        self.clip = clip
-        with torch.no_grad():
-            self.register_buffer("captions", clip.encode_text(tokens, normalize=True))
-        self.training = False
-
-    def forward(self, images: Tensor) -> Tensor:
-        return 100 * self.clip.encode_image(images, normalize=True) @ self.captions.T
 
 
 def classifier(loaded: LoadedModel, classes: list[str], prompt: str) -> nn.Module:
@@ -68,7 +54,7 @@ def classifier(loaded: LoadedModel, classes: list[str], prompt: str) -> nn.Modul
 
         def tokenizer(texts: list[str]) -> Tensor:
             return open_clip.tokenize(texts, context_length=length)
-    return PromptClassifier(loaded.model, tokenizer([prompt.format(c) for c in classes]))
+    return ZeroShot(loaded.model, tokenizer([prompt.format(c) for c in classes]))
 
 
 def jobs(methods: Iterable[str], ablation: bool) -> list[tuple[str, str]]:
